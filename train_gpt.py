@@ -1,0 +1,1165 @@
+"""skc-golf trainer: a ternary (BitNet b1.58) U-Net GPT for OpenAI's Parameter Golf.
+
+One self-contained file, read top to bottom in the order data flows:
+hyperparameters -> data -> tokenizer/bpb -> quantization primitives -> model ->
+optimizers -> training loop -> calibration & export -> evaluation -> main.
+
+GPU:  torchrun --standalone --nproc_per_node=8 train_gpt.py
+CPU:  python train_gpt.py
+Configuration comes from environment variables (see Hyperparameters).
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import glob
+import io
+import math
+import os
+import platform
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# -----------------------------------------------------------------------------
+# Hyperparameters
+# -----------------------------------------------------------------------------
+# Every setting is an environment variable. Names shared with the official
+# baseline keep its spelling. Any variable that starts with one of ENV_PREFIXES
+# (or ends with ENV_SUFFIXES) but is not a setting stops the run: a typo must
+# never fall back to a default silently.
+ENV_PREFIXES = ("SKC_", "TTT_", "EVAL_", "CALIB_", "MUON_", "ADAM_", "EXPORT_", "TERNARY_", "TURBO_QUANT_",
+                "ENGRAM_", "MOE_", "CAPSULE_", "KOOPMAN_", "EMA_", "SLIDING_", "TRAIN_", "VAL_", "WARMDOWN_",
+                "WARMUP_", "QK_", "ROPE_", "MLP_", "EMBED_", "LOGIT_", "SOFTCAP_", "NUM_", "MODEL_", "TIED_", "FP_",
+                "ATTN_", "SIZE_", "SUBMISSION_")
+ENV_SUFFIXES = ("_LR",)
+
+
+class ConfigError(ValueError):
+    """A setting that does not parse, is out of range, or is unknown."""
+
+
+class Setting(NamedTuple):
+    default: object  # its Python type (bool, int, float, str) is the setting's type
+    lo: float | None = None
+    hi: float | None = None
+    choices: tuple[str, ...] | None = None
+
+
+def _parse_setting(name: str, raw: str, setting: Setting) -> object:
+    kind = type(setting.default)
+    text = raw.strip()
+    try:
+        if kind is bool:
+            if text.lower() not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError
+            value = text.lower() in ("1", "true", "yes", "on")
+        elif kind is int:
+            number = float(text)  # accepts 5e5; a fraction is rejected below
+            if not number.is_integer():
+                raise ValueError
+            value = int(number)
+        elif kind is float:
+            value = float(text)
+            if not math.isfinite(value):
+                raise ValueError
+        else:
+            value = raw
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
+    if setting.choices is not None and value not in setting.choices:
+        raise ConfigError(f"{name}={raw!r} must be one of {', '.join(setting.choices)}")
+    if setting.lo is not None and value < setting.lo:
+        raise ConfigError(f"{name}={raw!r} must be >= {setting.lo}")
+    if setting.hi is not None and value > setting.hi:
+        raise ConfigError(f"{name}={raw!r} must be <= {setting.hi}")
+    return value
+
+
+class Hyperparameters:
+    """The run's configuration: SETTINGS read from the environment, then checked together."""
+
+    SETTINGS: dict[str, Setting] = {
+        # run and data
+        "DATA_PATH": Setting("./data/datasets/fineweb10B_sp1024"),
+        "TOKENIZER_PATH": Setting("./data/tokenizers/fineweb_1024_bpe.model"),
+        "VOCAB_SIZE": Setting(0, lo=0, hi=65536),  # 0: take it from the tokenizer
+        "RUN_ID": Setting(""),  # "": generated
+        "SEED": Setting(1337, lo=0),
+        "LOG_DIR": Setting("logs"),
+        "ARTIFACT_DIR": Setting(""),  # "": LOG_DIR
+        "DRY_RUN": Setting(False),
+        # training schedule
+        "ITERATIONS": Setting(20000, lo=1),
+        "WARMUP_STEPS": Setting(20, lo=0),
+        "LR_WARMUP_STEPS": Setting(0, lo=0),
+        "WARMDOWN_ITERS": Setting(3000, lo=0),
+        "TRAIN_BATCH_TOKENS": Setting(524288, lo=1),
+        "TRAIN_MICRO_BATCH_TOKENS": Setting(65536, lo=1),
+        "TRAIN_SEQ_LEN": Setting(1024, lo=2),
+        "MAX_WALLCLOCK_SECONDS": Setting(599.0, lo=0.0),
+        "VAL_LOSS_EVERY": Setting(1000, lo=0),
+        "VAL_BATCH_SIZE": Setting(524288, lo=1),
+        "VAL_MAX_TOKENS": Setting(0, lo=0),
+        "TRAIN_LOG_EVERY": Setting(200, lo=1),
+        "GRAD_CLIP_NORM": Setting(0.0, lo=0.0),
+        "EMA_DECAY": Setting(0.0, lo=0.0, hi=0.999999),
+        "EMA_START_FRAC": Setting(0.5, lo=0.0, hi=1.0),
+        "MODEL_COMPILE": Setting("auto", choices=("auto", "0", "1")),
+        # model
+        "NUM_LAYERS": Setting(12, lo=1),
+        "MODEL_DIM": Setting(768, lo=8),
+        "NUM_HEADS": Setting(12, lo=1),
+        "NUM_KV_HEADS": Setting(4, lo=1),
+        "MLP_MULT": Setting(3.0, lo=0.25),
+        "MLP_ACT": Setting("relu2", choices=("relu2", "leaky_relu2")),
+        "EMBED_DIM": Setting(0, lo=0),  # 0: MODEL_DIM; smaller: factored tied embedding
+        "TIE_EMBEDDINGS": Setting(True),
+        "TIED_EMBED_INIT_STD": Setting(0.005, lo=0.0),
+        "ROPE_BASE": Setting(10000.0, lo=1.0),
+        "ROPE_DIMS": Setting(0, lo=0),  # 0: the full head dim
+        "QK_NORM": Setting(True),
+        "QK_GAIN_INIT": Setting(1.5, lo=0.0),
+        "LOGIT_SOFTCAP": Setting(30.0, lo=0.0),  # 0: no softcap
+        "SOFTCAP_TYPE": Setting("tanh", choices=("tanh", "poly")),
+        "Z_LOSS_WEIGHT": Setting(0.0, lo=0.0),
+        "WEIGHT_QUANT": Setting("ternary", choices=("ternary", "none")),
+        "TERNARY_GROUP_SIZE": Setting(128, lo=1),
+        "TERNARY_SCALE_FORMAT": Setting("fp16", choices=("fp16", "fp8")),  # how per-group scales are stored
+        "FP_STORAGE_SIM": Setting("none", choices=("none", "fp8", "fp4")),
+        "ATTN_BACKEND": Setting("auto", choices=("auto", "fa3", "fa2", "sdpa")),
+        # optimizers
+        "EMBED_LR": Setting(0.6, lo=0.0),
+        "HEAD_LR": Setting(0.008, lo=0.0),
+        "TIED_EMBED_LR": Setting(0.05, lo=0.0),
+        "MATRIX_LR": Setting(0.04, lo=0.0),
+        "SCALAR_LR": Setting(0.04, lo=0.0),
+        "MUON_MOMENTUM": Setting(0.95, lo=0.0, hi=0.9999),
+        "MUON_BACKEND_STEPS": Setting(5, lo=1, hi=20),
+        "MUON_MOMENTUM_WARMUP_START": Setting(0.85, lo=0.0, hi=0.9999),
+        "MUON_MOMENTUM_WARMUP_STEPS": Setting(500, lo=0),
+        "MUON_WEIGHT_DECAY": Setting(0.0, lo=0.0),
+        "MUON_ROW_NORM": Setting(False),
+        "EMBED_WEIGHT_DECAY": Setting(0.0, lo=0.0),
+        "BETA1": Setting(0.9, lo=0.0, hi=0.9999),
+        "BETA2": Setting(0.95, lo=0.0, hi=0.99999),
+        "ADAM_EPS": Setting(1e-8, lo=0.0),
+    }
+
+    def __init__(self, environ: dict[str, str] | None = None):
+        env = os.environ if environ is None else environ
+        self._reject_unknown(env)
+        for name, setting in self.SETTINGS.items():
+            raw = env.get(name)
+            setattr(self, name.lower(), setting.default if raw is None else _parse_setting(name, raw, setting))
+        self._check_relations()
+
+    @classmethod
+    def _reject_unknown(cls, env) -> None:
+        for name in sorted(env):
+            ours = name.startswith(ENV_PREFIXES) or name.endswith(ENV_SUFFIXES)
+            if ours and name not in cls.SETTINGS:
+                close = difflib.get_close_matches(name, cls.SETTINGS, n=1)
+                hint = f"; did you mean {close[0]}?" if close else "; unset it or fix the name"
+                raise ConfigError(f"unknown setting {name} (its prefix or suffix is reserved for skc-golf){hint}")
+
+    def _check_relations(self) -> None:
+        def require(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(message)
+        require(self.model_dim % self.num_heads == 0, f"MODEL_DIM={self.model_dim} must divide by NUM_HEADS={self.num_heads}")
+        require(self.num_heads % self.num_kv_heads == 0,
+                f"NUM_HEADS={self.num_heads} must divide by NUM_KV_HEADS={self.num_kv_heads}")
+        require(self.head_dim % 2 == 0, f"head dim MODEL_DIM/NUM_HEADS={self.head_dim} must be even for RoPE")
+        require(self.rope_dims % 2 == 0 and self.rope_dims <= self.head_dim,
+                f"ROPE_DIMS={self.rope_dims} must be even and at most the head dim {self.head_dim}")
+        require(self.embed_dim <= self.model_dim, f"EMBED_DIM={self.embed_dim} must be at most MODEL_DIM={self.model_dim}")
+        require(self.tie_embeddings or self.embed_dim in (0, self.model_dim),
+                "EMBED_DIM factoring needs TIE_EMBEDDINGS=1")
+        require(float(self.mlp_hidden) == self.mlp_mult * self.model_dim,
+                f"MLP_MULT*MODEL_DIM={self.mlp_mult * self.model_dim} must be a whole number")
+        if self.weight_quant == "ternary":
+            for label, width in (("MODEL_DIM", self.model_dim), ("MLP_MULT*MODEL_DIM", self.mlp_hidden)):
+                require(width % self.ternary_group_size == 0,
+                        f"{label}={width} must divide by TERNARY_GROUP_SIZE={self.ternary_group_size} "
+                        "(ternary scales are per group of input features)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.mlp_mult * self.model_dim)
+
+    def lines(self) -> list[str]:
+        return [f"config {name}={getattr(self, name.lower())}" for name in self.SETTINGS]
+
+
+# -----------------------------------------------------------------------------
+# Data: competition shard format
+# -----------------------------------------------------------------------------
+# A shard is 256 little-endian int32 (magic, version, token count, zeros...)
+# followed by `count` little-endian uint16 tokens. Every reader in the project
+# (trainer, data tool, bench, tests) goes through read_shard.
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+SHARD_HEADER_INTS = 256
+SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
+
+
+class ShardError(ValueError):
+    """A shard file that does not follow the competition format."""
+
+
+def read_shard_header(path: str | Path) -> int:
+    """Validate a shard's header against its file length; return its token count."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ShardError(f"shard {path} does not exist") from None
+    if size < SHARD_HEADER_BYTES:
+        raise ShardError(f"shard {path} is {size} bytes, shorter than the {SHARD_HEADER_BYTES}-byte header; "
+                         "the file is truncated: rebuild it with `python data/prepare.py`")
+    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
+    if int(header[0]) != SHARD_MAGIC:
+        raise ShardError(f"shard {path} has magic {int(header[0])}, expected {SHARD_MAGIC}: not a competition shard")
+    if int(header[1]) != SHARD_VERSION:
+        raise ShardError(f"shard {path} has version {int(header[1])}, expected {SHARD_VERSION}")
+    count = int(header[2])
+    expected = SHARD_HEADER_BYTES + 2 * count
+    if count < 0 or size != expected:
+        raise ShardError(f"shard {path} header says {count} tokens ({expected} bytes) but the file is {size} bytes; "
+                         "the file is truncated or corrupt: rebuild or re-download it")
+    return count
+
+
+def read_shard(path: str | Path) -> np.ndarray:
+    """Return a shard's tokens as a uint16 array, after validating the header."""
+    count = read_shard_header(path)
+    return np.fromfile(path, dtype="<u2", count=count, offset=SHARD_HEADER_BYTES)
+
+
+def write_shard(path: str | Path, tokens: np.ndarray) -> None:
+    """Write tokens (all < 65536) in the competition shard format."""
+    tokens = np.asarray(tokens)
+    if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= 1 << 16):
+        raise ShardError(f"token ids must lie in [0, 65536) to fit uint16; got range [{tokens.min()}, {tokens.max()}]")
+    header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
+    header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, tokens.size
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype("<u2", copy=False).tobytes())
+    os.replace(tmp, path)
+
+
+def shard_files(pattern: str) -> list[str]:
+    """Sorted shard paths matching a glob; a clear error when none match."""
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise ShardError(f"no shards match {pattern!r}: download them with `python data/prepare.py download` "
+                         "or build them from local text with `python data/prepare.py build`")
+    return files
+
+
+class TokenStream:
+    """Tokens of a list of shards, read in order and wrapping around; ids >= vocab_size raise."""
+
+    def __init__(self, files: list[str], vocab_size: int):
+        self.files = files
+        self.vocab_size = vocab_size
+        self.file_index = -1
+        self.tokens = np.zeros(0, dtype=np.uint16)
+        self.pos = 0
+
+    def _next_file(self) -> None:
+        self.file_index = (self.file_index + 1) % len(self.files)
+        path = self.files[self.file_index]
+        self.tokens = read_shard(path)
+        if self.tokens.size and int(self.tokens.max()) >= self.vocab_size:
+            raise ShardError(f"shard {path} holds token id {int(self.tokens.max())} >= VOCAB_SIZE={self.vocab_size}: "
+                             "the shards and the tokenizer do not match")
+        self.pos = 0
+
+    def take(self, n: int) -> np.ndarray:
+        parts, left = [], n
+        while left > 0:
+            if self.pos >= self.tokens.size:
+                self._next_file()
+                continue
+            k = min(left, self.tokens.size - self.pos)
+            parts.append(self.tokens[self.pos:self.pos + k])
+            self.pos += k
+            left -= k
+        return np.concatenate(parts)
+
+
+class DistributedTokenLoader:
+    """Every rank draws the same global span of the stream and keeps its own contiguous slice,
+    so a global batch holds the same sequences on 1 or N processes.
+
+    On CUDA the slice goes through pinned memory with a non-blocking copy, so the
+    host-to-device transfer overlaps with the compute already queued.
+    """
+
+    def __init__(self, pattern: str, vocab_size: int, rank: int, world_size: int, device: torch.device):
+        self.stream = TokenStream(shard_files(pattern), vocab_size)
+        self.rank, self.world_size, self.device = rank, world_size, device
+
+    def next_batch(self, local_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
+        # One global span of world*local+1 tokens, cut the same way for any world size: rank r's
+        # inputs are span[r*local:(r+1)*local], its targets the same range shifted by one.
+        chunk = self.stream.take(self.world_size * local_tokens + 1)
+        start = self.rank * local_tokens
+        local = torch.from_numpy(chunk[start:start + local_tokens + 1].astype(np.int64))
+        if self.device.type == "cuda":
+            local = local.pin_memory().to(self.device, non_blocking=True)
+        return local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer and bits per byte (the score)
+# -----------------------------------------------------------------------------
+# Byte accounting follows the official script: control, unknown and unused ids
+# are boundaries worth 0 bytes; byte-fallback pieces are 1 byte; a piece that
+# starts with "▁" carries a leading space, which counts only when the previous
+# token is not a boundary.
+class ByteTables(NamedTuple):
+    base_bytes: Tensor  # int16 [vocab]
+    has_leading_space: Tensor  # bool [vocab]
+    is_boundary: Tensor  # bool [vocab]
+
+    def target_bytes(self, prev_ids: Tensor, target_ids: Tensor) -> Tensor:
+        extra = self.has_leading_space[target_ids] & ~self.is_boundary[prev_ids]
+        return self.base_bytes[target_ids].to(torch.int32) + extra.to(torch.int32)
+
+
+def build_byte_tables(sp, vocab_size: int, device: torch.device) -> ByteTables:
+    table_size = max(int(sp.vocab_size()), vocab_size)
+    base_bytes = np.zeros(table_size, dtype=np.int16)
+    has_leading_space = np.zeros(table_size, dtype=np.bool_)
+    is_boundary = np.ones(table_size, dtype=np.bool_)
+    for token_id in range(int(sp.vocab_size())):
+        if sp.is_control(token_id) or sp.is_unknown(token_id) or sp.is_unused(token_id):
+            continue
+        is_boundary[token_id] = False
+        if sp.is_byte(token_id):
+            base_bytes[token_id] = 1
+            continue
+        piece = sp.id_to_piece(token_id)
+        if piece.startswith("\u2581"):
+            has_leading_space[token_id] = True
+            piece = piece[1:]
+        base_bytes[token_id] = len(piece.encode("utf-8"))
+    return ByteTables(torch.from_numpy(base_bytes).to(device), torch.from_numpy(has_leading_space).to(device),
+                      torch.from_numpy(is_boundary).to(device))
+
+
+def load_tokenizer(path: str):
+    import sentencepiece as spm
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"tokenizer {path} not found: set TOKENIZER_PATH, or get one with "
+                                "`python data/prepare.py download` / `python data/prepare.py build`")
+    return spm.SentencePieceProcessor(model_file=path)
+
+
+def load_validation_tokens(pattern: str, seq_len: int, vocab_size: int, max_tokens: int = 0) -> np.ndarray:
+    """The validation stream, cut to whole sequences plus one token (as the official script does)."""
+    tokens = np.concatenate([read_shard(f) for f in shard_files(pattern)])
+    if max_tokens:
+        tokens = tokens[:max_tokens + 1]
+    usable = (tokens.size - 1) // seq_len * seq_len
+    if usable <= 0:
+        raise ShardError(f"validation split {pattern} has {tokens.size} tokens, fewer than one sequence of {seq_len}")
+    if int(tokens.max()) >= vocab_size:
+        raise ShardError(f"validation split {pattern} holds token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}")
+    return tokens[:usable + 1]
+
+
+# -----------------------------------------------------------------------------
+# Quantization primitives
+# -----------------------------------------------------------------------------
+# The training forward and the exporter share these functions, so what the
+# model learned with (straight-through estimator) is exactly what is stored.
+FP8_MAX = 448.0  # largest finite float8 e4m3fn
+FP4_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # magnitudes of float4 e2m1
+
+
+def fp8_encode(x: Tensor, scale: Tensor) -> Tensor:
+    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def fp8_decode(codes: Tensor, scale: Tensor) -> Tensor:
+    return codes.to(torch.float32) * scale
+
+
+def fp4_encode(x: Tensor, scale: Tensor) -> Tensor:
+    """uint8 codes: bit 3 is the sign, bits 0-2 index FP4_GRID (nearest magnitude)."""
+    grid = torch.tensor(FP4_GRID, device=x.device)
+    magnitude = (x / scale).abs().clamp_max(FP4_GRID[-1])
+    index = (magnitude.unsqueeze(-1) - grid).abs().argmin(-1)
+    return (index | ((x < 0).to(torch.int64) << 3)).to(torch.uint8)
+
+
+def fp4_decode(codes: Tensor, scale: Tensor) -> Tensor:
+    grid = torch.tensor(FP4_GRID, device=codes.device)
+    sign = 1.0 - 2.0 * ((codes >> 3) & 1).to(torch.float32)
+    return sign * grid[(codes & 7).long()] * scale
+
+
+def fp_row_scale(w: Tensor, fmt: str, clip: float = 1.0) -> Tensor:
+    """Per-row scale that maps the row's (clipped) absolute maximum onto the format's largest value."""
+    top = FP8_MAX if fmt == "fp8" else FP4_GRID[-1]
+    amax = w.abs().amax(dim=-1, keepdim=True).float() * clip
+    return (amax / top).clamp_min(1e-12).to(torch.float16).float()
+
+
+def fp_fake_quant(w: Tensor, fmt: str) -> Tensor:
+    """Round-trip w through fp8/fp4 storage; the gradient passes straight through."""
+    scale = fp_row_scale(w.detach(), fmt)
+    q = fp8_decode(fp8_encode(w.detach(), scale), scale) if fmt == "fp8" else fp4_decode(fp4_encode(w.detach(), scale), scale)
+    return w + (q.to(w.dtype) - w).detach()
+
+
+def round_scale(scale: Tensor, fmt: str) -> Tensor:
+    """Per-group ternary scales as they will be stored: fp16, or fp8 under one fp32 per-tensor factor."""
+    if fmt == "fp16":
+        return scale.clamp(6.2e-5, 65504.0).to(torch.float16).float()
+    factor = scale.amax().clamp_min(1e-12) / FP8_MAX
+    return fp8_decode(fp8_encode(scale, factor), factor).clamp_min(1e-12)
+
+
+def ternary_scales(w: Tensor, group_size: int, scale_format: str) -> Tensor:
+    """BitNet b1.58 absmean scale of each group of `group_size` input features: [out, in/group]."""
+    groups = w.detach().float().reshape(w.shape[0], -1, group_size)
+    return round_scale(groups.abs().mean(-1).clamp_min(1e-8), scale_format)
+
+
+def ternary_trits(w: Tensor, scales: Tensor, group_size: int) -> Tensor:
+    groups = w.detach().float().reshape(w.shape[0], -1, group_size)
+    return (groups / scales.unsqueeze(-1)).round().clamp(-1, 1).to(torch.int8).reshape(w.shape)
+
+
+def ternary_dequantize(trits: Tensor, scales: Tensor, group_size: int) -> Tensor:
+    groups = trits.float().reshape(trits.shape[0], -1, group_size)
+    return (groups * scales.unsqueeze(-1)).reshape(trits.shape)
+
+
+def ternary_ste_weight(w: Tensor, group_size: int, scale_format: str) -> Tensor:
+    """Forward: the dequantized ternary weight; backward: identity onto the fp shadow weight."""
+    scales = ternary_scales(w, group_size, scale_format)
+    q = ternary_dequantize(ternary_trits(w, scales, group_size), scales, group_size)
+    return w + (q.to(w.dtype) - w).detach()
+
+
+# -----------------------------------------------------------------------------
+# Model: ternary U-Net GPT
+# -----------------------------------------------------------------------------
+class TernaryLinear(nn.Linear):
+    """BitNet b1.58 linear layer: {-1, 0, +1} x per-group absmean scale, trained through an fp shadow weight."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, scale_format: str):
+        super().__init__(in_features, out_features, bias=False)
+        self.group_size, self.scale_format = group_size, scale_format
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, ternary_ste_weight(self.weight, self.group_size, self.scale_format).to(x.dtype))
+
+
+class CastedLinear(nn.Linear):
+    """Full-precision linear layer kept in fp32 and cast to the activation dtype (the baseline's layer)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+def make_linear(args: Hyperparameters, in_features: int, out_features: int) -> nn.Linear:
+    if args.weight_quant == "ternary":
+        return TernaryLinear(in_features, out_features, args.ternary_group_size, args.ternary_scale_format)
+    return CastedLinear(in_features, out_features)
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class Rotary(nn.Module):
+    """RoPE on the first `rope_dims` dims of each head (partial RoPE); the rest carry no position."""
+
+    def __init__(self, rope_dims: int, base: float):
+        super().__init__()
+        self.rope_dims = rope_dims
+        self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, rope_dims, 2).float() / rope_dims), persistent=False)
+        self._cache: tuple[int, torch.device, Tensor, Tensor] | None = None
+
+    def cos_sin(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        if self._cache is None or self._cache[0] != seq_len or self._cache[1] != device:
+            freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), self.inv_freq.to(device))
+            self._cache = (seq_len, device, freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :])
+        return self._cache[2], self._cache[3]
+
+    def forward(self, x: Tensor) -> Tensor:  # x: [B, T, H, D]
+        cos, sin = self.cos_sin(x.size(1), x.device)
+        rotated, rest = x[..., :self.rope_dims], x[..., self.rope_dims:]
+        half = self.rope_dims // 2
+        x1, x2 = rotated[..., :half], rotated[..., half:]
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
+
+
+def select_attention_backend(requested: str, device: torch.device) -> tuple[str, object]:
+    """FA3 -> FA2 -> SDPA, the first one that is available (flash kernels need CUDA)."""
+    candidates = ("fa3", "fa2", "sdpa") if requested == "auto" else (requested,)
+    for name in candidates:
+        if name == "sdpa":
+            return name, None
+        if device.type != "cuda":
+            continue
+        try:
+            if name == "fa3":
+                from flash_attn_interface import flash_attn_func
+            else:
+                from flash_attn import flash_attn_func
+            return name, flash_attn_func
+        except ImportError:
+            continue
+    raise RuntimeError(f"ATTN_BACKEND={requested} is not available on {device.type}; use ATTN_BACKEND=auto or sdpa")
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, args: Hyperparameters):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+        kv_dim = self.num_kv_heads * self.head_dim
+        self.c_q = make_linear(args, args.model_dim, args.model_dim)
+        self.c_k = make_linear(args, args.model_dim, kv_dim)
+        self.c_v = make_linear(args, args.model_dim, kv_dim)
+        self.proj = make_linear(args, args.model_dim, args.model_dim)
+        self.qk_norm = args.qk_norm
+        self.q_gain = nn.Parameter(torch.full((self.num_heads,), args.qk_gain_init))
+        self.rotary = Rotary(args.rope_dims or self.head_dim, args.rope_base)
+        self.backend, self.flash_fn = "sdpa", None
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = rms_norm(q), rms_norm(k)
+        q = self.rotary(q) * self.q_gain.to(q.dtype)[None, None, :, None]
+        k = self.rotary(k)
+        if self.flash_fn is not None:
+            y = self.flash_fn(q, k, v, causal=True)
+            y = y[0] if isinstance(y, tuple) else y
+        else:
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                               enable_gqa=self.num_kv_heads != self.num_heads).transpose(1, 2)
+        return self.proj(y.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: Hyperparameters):
+        super().__init__()
+        self.fc = make_linear(args, args.model_dim, args.mlp_hidden)
+        self.proj = make_linear(args, args.mlp_hidden, args.model_dim)
+        self.negative_slope = 0.5 if args.mlp_act == "leaky_relu2" else 0.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(x)
+        h = F.leaky_relu(h, self.negative_slope) if self.negative_slope else F.relu(h)
+        return self.proj(h.square())
+
+
+class Block(nn.Module):
+    """Pre-norm block; resid_mix blends the running stream with the input embedding x0."""
+
+    def __init__(self, args: Hyperparameters):
+        super().__init__()
+        self.attn = CausalSelfAttention(args)
+        self.mlp = MLP(args)
+        self.attn_scale = nn.Parameter(torch.ones(args.model_dim))
+        self.mlp_scale = nn.Parameter(torch.ones(args.model_dim))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(args.model_dim), torch.zeros(args.model_dim))))
+
+    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x))
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+
+
+def softcap(logits: Tensor, cap: float, kind: str) -> Tensor:
+    """Bound logits to (-cap, cap). poly: c*f(z/c) with f(z) = z - 4z^3/27 on |z| <= 1.5, which reaches 1 with slope 0."""
+    if cap <= 0:
+        return logits
+    if kind == "tanh":
+        return cap * torch.tanh(logits / cap)
+    z = (logits / cap).clamp(-1.5, 1.5)
+    return cap * (z - (4.0 / 27.0) * z * z * z)
+
+
+class GPT(nn.Module):
+    """U-Net GPT: the first half of the blocks push skips that the second half pops, in reverse, with learned weights."""
+
+    def __init__(self, args: Hyperparameters, vocab_size: int):
+        super().__init__()
+        self.args = args
+        embed_dim = args.embed_dim or args.model_dim
+        self.tok_emb = nn.Embedding(vocab_size, embed_dim)
+        self.embed_proj = CastedLinear(embed_dim, args.model_dim) if embed_dim != args.model_dim else None
+        self.head_proj = CastedLinear(args.model_dim, embed_dim) if embed_dim != args.model_dim else None
+        self.lm_head = None if args.tie_embeddings else CastedLinear(args.model_dim, vocab_size)
+        self.num_encoder_layers = args.num_layers // 2
+        self.num_decoder_layers = args.num_layers - self.num_encoder_layers
+        self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder_layers, self.num_decoder_layers), args.model_dim))
+        self.blocks = nn.ModuleList(Block(args) for _ in range(args.num_layers))
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        std = self.args.tied_embed_init_std if self.args.tie_embeddings else 1.0 / math.sqrt(self.tok_emb.embedding_dim)
+        nn.init.normal_(self.tok_emb.weight, std=std)
+        for block in self.blocks:  # output projections start at zero, so every block starts as the identity
+            nn.init.zeros_(block.attn.proj.weight)
+            nn.init.zeros_(block.mlp.proj.weight)
+        if self.lm_head is not None:
+            nn.init.zeros_(self.lm_head.weight)
+
+    def set_attention_backend(self, name: str, flash_fn) -> None:
+        for block in self.blocks:
+            block.attn.backend, block.attn.flash_fn = name, flash_fn
+
+    def embedding_weight(self) -> Tensor:
+        w = self.tok_emb.weight
+        return fp_fake_quant(w, self.args.fp_storage_sim) if self.args.fp_storage_sim != "none" else w
+
+    def hidden_states(self, input_ids: Tensor) -> Tensor:
+        x = F.embedding(input_ids, self.embedding_weight())
+        if self.embed_proj is not None:
+            x = self.embed_proj(x)
+        x = x0 = rms_norm(x)
+        skips = []
+        for i, block in enumerate(self.blocks):
+            if i >= self.num_encoder_layers and skips:
+                x = x + self.skip_weights[i - self.num_encoder_layers].to(x.dtype) * skips.pop()
+            x = block(x, x0)
+            if i < self.num_encoder_layers:
+                skips.append(x)
+        return rms_norm(x)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        if self.lm_head is not None:
+            raw = self.lm_head(hidden)
+        else:
+            if self.head_proj is not None:
+                hidden = self.head_proj(hidden)
+            raw = F.linear(hidden, self.embedding_weight().to(hidden.dtype))
+        return softcap(raw.float(), self.args.logit_softcap, self.args.softcap_type)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        """Logits [B, T, vocab] in fp32, after the softcap."""
+        return self.logits(self.hidden_states(input_ids))
+
+
+def token_losses(logits: Tensor, target_ids: Tensor) -> Tensor:
+    """Pure cross-entropy per target token, in nats (this is what val_loss and val_bpb sum)."""
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1), reduction="none").view_as(target_ids)
+
+
+def training_loss(logits: Tensor, target_ids: Tensor, z_loss_weight: float) -> tuple[Tensor, Tensor]:
+    """(objective, cross-entropy): the objective adds the z-loss; the reported loss never does."""
+    ce = token_losses(logits, target_ids).mean()
+    if z_loss_weight <= 0:
+        return ce, ce
+    return ce + z_loss_weight * torch.logsumexp(logits, dim=-1).square().mean(), ce
+
+
+# -----------------------------------------------------------------------------
+# Optimizers
+# -----------------------------------------------------------------------------
+def zeropower_via_newtonschulz5(G: Tensor, steps: int, row_norm: bool = False) -> Tensor:
+    """Approximately orthogonalize G (quintic Newton-Schulz). A near-zero G gives zero, never NaN."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.bfloat16() if G.is_cuda else G.float()
+    if row_norm:  # MuonEq-R: equalize row norms before orthogonalizing
+        X = X / X.norm(dim=1, keepdim=True).clamp_min(1e-7)
+    norm = X.norm()
+    if norm < 1e-12:
+        return torch.zeros_like(G)
+    X = X / (norm + 1e-7)
+    transposed = G.size(0) > G.size(1)
+    if transposed:
+        X = X.T
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return (X.T if transposed else X).to(G.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum + Newton-Schulz orthogonalized updates for matrices.
+
+    Under torch.distributed each rank orthogonalizes a round-robin share of the
+    matrices and one all-reduce assembles every update on every rank. Decoupled
+    weight decay touches only matrices that received a gradient this step.
+    """
+
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float = 0.0,
+                 row_norm: bool = False, nesterov: bool = True):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay,
+                                      row_norm=row_norm, nesterov=nesterov))
+
+    @torch.no_grad()
+    def step(self):
+        distributed = dist.is_available() and dist.is_initialized()
+        world_size, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+        for group in self.param_groups:
+            params = group["params"]
+            if not params:
+                continue
+            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.float32)
+            has_grad = torch.tensor([p.grad is not None for p in params], device=params[0].device, dtype=torch.float32)
+            offset = 0
+            for i, p in enumerate(params):
+                if i % world_size == rank and p.grad is not None:
+                    state = self.state[p]
+                    buf = state.setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                    buf.mul_(group["momentum"]).add_(p.grad)
+                    g = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+                    g = zeropower_via_newtonschulz5(g, group["backend_steps"], group["row_norm"])
+                    g = g * max(1.0, g.size(0) / g.size(1)) ** 0.5
+                    flat[offset:offset + p.numel()] = g.reshape(-1).float()
+                offset += p.numel()
+            if distributed:
+                dist.all_reduce(flat)
+                dist.all_reduce(has_grad, op=dist.ReduceOp.MAX)
+            offset = 0
+            for p, got_grad in zip(params, has_grad.tolist()):
+                if got_grad:
+                    if group["weight_decay"]:
+                        p.mul_(1.0 - group["lr"] * group["weight_decay"])
+                    p.add_(flat[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
+                offset += p.numel()
+
+
+# Parameters whose names contain one of these are control parameters: they go to
+# Adam without weight decay whatever their shape (decay on a gate or router
+# silently drives it to zero).
+CONTROL_PARAM_PATTERNS = ("scale", "gain", "resid_mix", "skip_weights", "gate", "router")
+
+
+def classify_parameter(name: str, p: nn.Parameter) -> str:
+    """The optimizer group of a parameter: embed, head, matrix (Muon) or scalar (Adam, no decay)."""
+    if any(pattern in name for pattern in CONTROL_PARAM_PATTERNS):
+        return "scalar"
+    if name == "tok_emb.weight":
+        return "embed"
+    if name == "lm_head.weight":
+        return "head"
+    return "matrix" if p.ndim == 2 else "scalar"
+
+
+def build_optimizers(model: nn.Module, args: Hyperparameters, fused: bool) -> tuple[list[torch.optim.Optimizer], dict[str, list[str]]]:
+    groups: dict[str, list[str]] = {"embed": [], "head": [], "matrix": [], "scalar": []}
+    params = dict(model.named_parameters())
+    for name, p in params.items():
+        if p.requires_grad:
+            groups[classify_parameter(name, p)].append(name)
+    adam_groups = []
+    embed_lr = args.tied_embed_lr if args.tie_embeddings else args.embed_lr
+    for kind, lr, decay in (("embed", embed_lr, args.embed_weight_decay), ("head", args.head_lr, args.embed_weight_decay),
+                            ("scalar", args.scalar_lr, 0.0)):
+        if groups[kind]:
+            adam_groups.append(dict(params=[params[n] for n in groups[kind]], lr=lr, base_lr=lr, weight_decay=decay,
+                                    kind=kind))
+    optimizers: list[torch.optim.Optimizer] = [
+        torch.optim.AdamW(adam_groups, betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=fused)]
+    if groups["matrix"]:
+        muon = Muon([params[n] for n in groups["matrix"]], lr=args.matrix_lr, momentum=args.muon_momentum,
+                    backend_steps=args.muon_backend_steps, weight_decay=args.muon_weight_decay, row_norm=args.muon_row_norm)
+        for group in muon.param_groups:
+            group["base_lr"], group["kind"] = args.matrix_lr, "matrix"
+        optimizers.append(muon)
+    return optimizers, groups
+
+
+# -----------------------------------------------------------------------------
+# Training loop
+# -----------------------------------------------------------------------------
+class Runtime(NamedTuple):
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    distributed: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return torch.autocast(device_type="cpu", enabled=False)
+
+    def all_reduce(self, t: Tensor, op=None) -> Tensor:
+        if self.distributed:
+            dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+        return t
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def init_runtime() -> Runtime:
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if distributed:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    return Runtime(rank, world_size, local_rank, device, distributed)
+
+
+class Logger:
+    """Rank 0 writes every line to stdout and to LOG_DIR/<RUN_ID>.txt; other ranks stay silent."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("")
+
+    def __call__(self, line: str) -> None:
+        if self.path is None:
+            return
+        print(line, flush=True)
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+
+
+def grad_accum_steps(args: Hyperparameters, world_size: int) -> tuple[int, int]:
+    """(accumulation steps, tokens per rank per micro-step) that make up TRAIN_BATCH_TOKENS on this world size."""
+    seqs, rest = divmod(args.train_batch_tokens, world_size * args.train_seq_len)
+    if rest or seqs == 0:
+        raise ConfigError(f"TRAIN_BATCH_TOKENS={args.train_batch_tokens} must be a positive multiple of "
+                          f"WORLD_SIZE*TRAIN_SEQ_LEN={world_size * args.train_seq_len}")
+    accum = max(1, math.ceil(seqs * args.train_seq_len / args.train_micro_batch_tokens))
+    while seqs % accum:
+        accum += 1
+    return accum, seqs // accum * args.train_seq_len
+
+
+def lr_scale(step: int, elapsed_ms: float, args: Hyperparameters) -> float:
+    """Linear warmup, then linear warmdown over the last WARMDOWN_ITERS steps; under a wall-clock cap the
+    remaining steps are estimated from the mean step time, so the warmdown ends when the clock does."""
+    scale = min(1.0, (step + 1) / args.lr_warmup_steps) if args.lr_warmup_steps else 1.0
+    if args.warmdown_iters <= 0:
+        return scale
+    by_steps = min(1.0, max(args.iterations - step, 0) / args.warmdown_iters)
+    if args.max_wallclock_seconds > 0 and step > 0:
+        remaining_ms = max(1000.0 * args.max_wallclock_seconds - elapsed_ms, 0.0)
+        by_steps = min(by_steps, remaining_ms / (args.warmdown_iters * elapsed_ms / step))
+    return scale * min(by_steps, 1.0)
+
+
+def training_progress(step: int, elapsed_ms: float, args: Hyperparameters) -> float:
+    by_time = elapsed_ms / (1000.0 * args.max_wallclock_seconds) if args.max_wallclock_seconds > 0 else 0.0
+    return min(1.0, max(step / args.iterations, by_time))
+
+
+class WeightEMA:
+    """Exponential moving average of the float weights, applied at the end of training."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {n: t.detach().clone().float() for n, t in model.state_dict().items() if t.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for name, t in model.state_dict().items():
+            if name in self.shadow:
+                self.shadow[name].lerp_(t.float(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        state = model.state_dict()
+        for name, t in self.shadow.items():
+            state[name].copy_(t.to(state[name].dtype))
+
+
+def train_step(model: nn.Module, loader: DistributedTokenLoader, args: Hyperparameters, rt: Runtime,
+               accum: int, micro_tokens: int) -> Tensor:
+    """One optimizer step's forward/backward over `accum` micro-batches; returns the mean cross-entropy."""
+    total = torch.zeros((), device=rt.device)
+    for micro in range(accum):
+        x, y = loader.next_batch(micro_tokens, args.train_seq_len)
+        sync = not rt.distributed or micro == accum - 1
+        context = model.no_sync() if not sync else torch.enable_grad()
+        with context, rt.autocast():
+            objective, ce = training_loss(model(x), y, args.z_loss_weight)
+            (objective / accum).backward()
+        total += ce.detach()
+    return total / accum
+
+
+def apply_schedules(optimizers: list[torch.optim.Optimizer], args: Hyperparameters, step: int, scale: float) -> None:
+    warm = min(step / args.muon_momentum_warmup_steps, 1.0) if args.muon_momentum_warmup_steps else 1.0
+    momentum = (1.0 - warm) * args.muon_momentum_warmup_start + warm * args.muon_momentum
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * scale
+            if isinstance(opt, Muon):
+                group["momentum"] = momentum
+
+
+# -----------------------------------------------------------------------------
+# Evaluation
+# -----------------------------------------------------------------------------
+class EvalTotals(NamedTuple):
+    loss_nats: float  # sum of per-target cross-entropy, float64
+    targets: int
+    bytes: int
+
+    @property
+    def val_loss(self) -> float:
+        return self.loss_nats / self.targets
+
+    @property
+    def val_bpb(self) -> float:
+        return self.loss_nats / math.log(2.0) / self.bytes
+
+
+def reduce_totals(loss_nats: Tensor, targets: Tensor, nbytes: Tensor, rt: Runtime) -> EvalTotals:
+    packed = rt.all_reduce(torch.stack((loss_nats.double(), targets.double(), nbytes.double())))
+    return EvalTotals(float(packed[0]), int(packed[1]), int(packed[2]))
+
+
+@torch.inference_mode()
+def evaluate_chunked(model: GPT, val_tokens: np.ndarray, seq_len: int, batch_tokens: int, tables: ByteTables,
+                     rt: Runtime) -> EvalTotals:
+    """Score the validation stream as consecutive non-overlapping sequences; each rank takes a contiguous share."""
+    num_seqs = (val_tokens.size - 1) // seq_len
+    first, last = num_seqs * rt.rank // rt.world_size, num_seqs * (rt.rank + 1) // rt.world_size
+    batch_seqs = max(1, batch_tokens // (rt.world_size * seq_len))
+    loss_nats = torch.zeros((), device=rt.device, dtype=torch.float64)
+    targets = torch.zeros((), device=rt.device, dtype=torch.float64)
+    nbytes = torch.zeros((), device=rt.device, dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    for s in range(first, last, batch_seqs):
+        e = min(s + batch_seqs, last)
+        chunk = torch.from_numpy(val_tokens[s * seq_len:e * seq_len + 1].astype(np.int64)).to(rt.device)
+        x, y = chunk[:-1].view(-1, seq_len), chunk[1:].view(-1, seq_len)
+        with rt.autocast():
+            losses = token_losses(model(x), y)
+        loss_nats += losses.double().sum()
+        targets += y.numel()
+        nbytes += tables.target_bytes(x, y).double().sum()
+    model.train(was_training)
+    return reduce_totals(loss_nats, targets, nbytes, rt)
+
+
+# -----------------------------------------------------------------------------
+# Main
+# -----------------------------------------------------------------------------
+def count_parameters(model: GPT) -> dict[str, int]:
+    ternary = {id(m.weight) for m in model.modules() if isinstance(m, TernaryLinear)}
+    counts = {"ternary": 0, "fp_matrix": 0, "embedding": 0, "scalar": 0}
+    for name, p in model.named_parameters():
+        kind = ("ternary" if id(p) in ternary else "embedding" if name in ("tok_emb.weight", "lm_head.weight")
+                else "fp_matrix" if p.ndim == 2 and classify_parameter(name, p) == "matrix" else "scalar")
+        counts[kind] += p.numel()
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def environment_lines(rt: Runtime) -> list[str]:
+    lines = [f"python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__}",
+             f"platform:{platform.platform()} cpu_count:{os.cpu_count()} world_size:{rt.world_size} device:{rt.device}"]
+    if rt.device.type == "cuda":
+        lines.append(f"gpu:{torch.cuda.get_device_name(rt.device)} cuda:{torch.version.cuda}")
+    return lines
+
+
+def peak_memory_mib(rt: Runtime) -> float:
+    if rt.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(rt.device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def resolve_run_id(args: Hyperparameters, rt: Runtime) -> str:
+    """RUN_ID, or one generated on rank 0 and shared, so every rank names the same files."""
+    run_id = [args.run_id or time.strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6]]
+    if rt.distributed:
+        dist.broadcast_object_list(run_id, src=0)
+    return run_id[0]
+
+
+def use_compile(args: Hyperparameters, rt: Runtime) -> bool:
+    return args.model_compile == "1" or (args.model_compile == "auto" and rt.device.type == "cuda")
+
+
+def train(args: Hyperparameters, rt: Runtime, log: Logger, model: GPT, tables: ByteTables,
+          val_tokens: np.ndarray) -> dict[str, float]:
+    """Warm-up, then the timed step loop; returns the training summary. Stops on every rank at the same step."""
+    compiled = torch.compile(model, dynamic=False) if use_compile(args, rt) else model
+    if rt.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+        compiled = DistributedDataParallel(compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
+                                           broadcast_buffers=False)
+    optimizers, groups = build_optimizers(model, args, fused=rt.device.type == "cuda")
+    for kind, names in groups.items():
+        log(f"param_group:{kind} tensors:{len(names)} params:{sum(dict(model.named_parameters())[n].numel() for n in names)}")
+    accum, micro_tokens = grad_accum_steps(args, rt.world_size)
+    log(f"grad_accum_steps:{accum} micro_batch_tokens_per_rank:{micro_tokens}")
+    train_pattern = os.path.join(args.data_path, "fineweb_train_*.bin")
+
+    def zero_grads() -> None:
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    if args.warmup_steps:  # compile and allocator warm-up on training tokens; the weights are restored after
+        initial_model = copy.deepcopy(model.state_dict())
+        initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+        warm_loader = DistributedTokenLoader(train_pattern, model.tok_emb.num_embeddings, rt.rank, rt.world_size, rt.device)
+        for warm_step in range(args.warmup_steps):
+            train_step(compiled, warm_loader, args, rt, accum, micro_tokens)
+            for opt in optimizers:
+                opt.step()
+            zero_grads()
+        model.load_state_dict(initial_model)
+        for opt, state in zip(optimizers, initial_opts):
+            opt.load_state_dict(state)
+        log(f"warmup_steps:{args.warmup_steps} done (weights and optimizer state restored)")
+
+    loader = DistributedTokenLoader(train_pattern, model.tok_emb.num_embeddings, rt.rank, rt.world_size, rt.device)
+    ema = None
+    max_ms = 1000.0 * args.max_wallclock_seconds
+    tokens_per_step = args.train_batch_tokens
+    train_ms, step, last_loss = 0.0, 0, float("nan")
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    while True:
+        last_step = step == args.iterations
+        if last_step or (args.val_loss_every and step % args.val_loss_every == 0 and step > 0):
+            if rt.device.type == "cuda":
+                torch.cuda.synchronize()
+            train_ms += 1000.0 * (time.perf_counter() - t0)
+            totals = evaluate_chunked(model, val_tokens, args.train_seq_len, args.val_batch_size, tables, rt)
+            log(f"step:{step}/{args.iterations} val_loss:{totals.val_loss:.4f} val_bpb:{totals.val_bpb:.4f} "
+                f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
+            t0 = time.perf_counter()
+        if last_step:
+            break
+        elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
+        scale = lr_scale(step, elapsed_ms, args)
+        apply_schedules(optimizers, args, step, scale)
+        loss = train_step(compiled, loader, args, rt, accum, micro_tokens)
+        if args.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_norm)
+        for opt in optimizers:
+            opt.step()
+        zero_grads()
+        step += 1
+        if args.ema_decay > 0:
+            if ema is None and training_progress(step, elapsed_ms, args) >= args.ema_start_frac:
+                ema = WeightEMA(model, args.ema_decay)
+            elif ema is not None:
+                ema.update(model)
+        # One all-reduce decides for every rank: stop on time, or stop on a non-finite loss.
+        elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
+        flags = torch.stack((torch.tensor(float(max_ms > 0 and elapsed_ms >= max_ms), device=rt.device),
+                             (~torch.isfinite(loss)).float()))
+        flags = rt.all_reduce(flags, op=dist.ReduceOp.MAX).tolist()
+        if flags[1]:
+            raise FloatingPointError(f"non-finite training loss at step {step}; last finite train_loss:{last_loss:.4f} "
+                                     f"lr_scale:{scale:.3f}; lower the learning rates or enable GRAD_CLIP_NORM")
+        last_loss = float(loss)
+        if step % args.train_log_every == 0 or step == 1:
+            log(f"step:{step}/{args.iterations} train_loss:{last_loss:.4f} lr_scale:{scale:.3f} "
+                f"tok_s:{step * tokens_per_step / (elapsed_ms / 1000.0):.0f} train_time:{elapsed_ms:.0f}ms "
+                f"step_avg:{elapsed_ms / step:.2f}ms remaining:{max(max_ms - elapsed_ms, 0.0) / 1000.0:.0f}s")
+        if flags[0]:
+            args.iterations = step  # the cap ends training here, on every rank; the next pass validates
+    train_tok_s = step * tokens_per_step / max(train_ms / 1000.0, 1e-9)
+    log(f"train_done steps:{step} train_time:{train_ms:.0f}ms tok_s:{train_tok_s:.0f}")
+    log(f"peak_mem_mib:{peak_memory_mib(rt):.0f}")
+    if ema is not None:
+        ema.copy_to(model)
+        log(f"ema: applied decay {args.ema_decay} weights")
+    return {"steps": step, "train_ms": train_ms, "tok_s": train_tok_s}
+
+
+def main(environ: dict[str, str] | None = None) -> None:
+    args = Hyperparameters(environ)
+    if args.dry_run:
+        print("\n".join(args.lines()))
+        print("dry_run: configuration is valid")
+        return
+    rt = init_runtime()
+    run_id = resolve_run_id(args, rt)
+    args.run_id = run_id
+    log = Logger(Path(args.log_dir) / f"{run_id}.txt" if rt.is_main else None)
+    for line in args.lines() + environment_lines(rt):
+        log(line)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    if rt.device.type == "cpu" and not rt.distributed:
+        log(f"cpu_threads:{torch.get_num_threads()}")
+    sp = load_tokenizer(args.tokenizer_path)
+    vocab_size = int(sp.vocab_size())
+    if args.vocab_size and args.vocab_size != vocab_size:
+        raise ConfigError(f"VOCAB_SIZE={args.vocab_size} but tokenizer {args.tokenizer_path} has {vocab_size} pieces")
+    args.vocab_size = vocab_size
+    tables = build_byte_tables(sp, vocab_size, rt.device)
+    val_tokens = load_validation_tokens(os.path.join(args.data_path, "fineweb_val_*.bin"), args.train_seq_len, vocab_size,
+                                        args.val_max_tokens)
+    log(f"val_tokens:{val_tokens.size - 1}")
+    if args.val_max_tokens:
+        log(f"WARNING: PARTIAL VALIDATION: VAL_MAX_TOKENS={args.val_max_tokens} scores {val_tokens.size - 1} tokens; "
+            "val_bpb below is not the competition figure")
+    model = GPT(args, vocab_size).to(rt.device)
+    backend, flash_fn = select_attention_backend(args.attn_backend, rt.device)
+    model.set_attention_backend(backend, flash_fn)
+    log(f"attn_backend:{backend}")
+    log("params " + " ".join(f"{k}:{v}" for k, v in count_parameters(model).items()))
+    summary = train(args, rt, log, model, tables, val_tokens)
+    t0 = time.perf_counter()
+    totals = evaluate_chunked(model, val_tokens, args.train_seq_len, args.val_batch_size, tables, rt)
+    log(f"final_prequant val_loss:{totals.val_loss:.4f} val_bpb:{totals.val_bpb:.4f} "
+        f"eval_time:{1000.0 * (time.perf_counter() - t0):.0f}ms")
+    log(f"final_prequant_exact val_loss:{totals.val_loss:.8f} val_bpb:{totals.val_bpb:.8f}")
+    if rt.distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, ShardError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
