@@ -13,13 +13,15 @@ from __future__ import annotations
 import copy
 import difflib
 import glob
-import io
+import json
+import lzma
 import math
 import os
 import platform
 import sys
 import time
 import uuid
+import zlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -136,6 +138,7 @@ class Hyperparameters:
         "TERNARY_SCALE_FORMAT": Setting("fp16", choices=("fp16", "fp8")),  # how per-group scales are stored
         "FP_STORAGE_SIM": Setting("none", choices=("none", "fp8", "fp4")),
         "ATTN_BACKEND": Setting("auto", choices=("auto", "fa3", "fa2", "sdpa")),
+        "TURBO_QUANT_TRAIN": Setting(False),  # train ternary layers in a blockwise-Hadamard-rotated input basis
         # optimizers
         "EMBED_LR": Setting(0.6, lo=0.0),
         "HEAD_LR": Setting(0.008, lo=0.0),
@@ -152,6 +155,20 @@ class Hyperparameters:
         "BETA1": Setting(0.9, lo=0.0, hi=0.9999),
         "BETA2": Setting(0.95, lo=0.0, hi=0.99999),
         "ADAM_EPS": Setting(1e-8, lo=0.0),
+        # calibration and export
+        "EXPORT_FORMAT": Setting("ternary", choices=("ternary", "int8_zlib")),
+        "EXPORT_FP_FORMAT": Setting("fp8", choices=("fp8", "fp4", "fp16")),  # non-ternary matrices
+        "EXPORT_FP16_PATTERNS": Setting("tok_emb,lm_head"),  # comma-separated name parts always kept in fp16
+        "EXPORT_CLIP_SEARCH": Setting(True),  # GPTQ-lite: per-tensor clip ratio with the least error
+        "EXPORT_CODEC": Setting("auto", choices=("auto", "brotli", "lzma")),
+        "TURBO_QUANT_EXPORT": Setting(False),  # Hadamard-rotate ternary weights before export quantization
+        "SIZE_CAP_BYTES": Setting(16_000_000, lo=1),
+        "SIZE_MARGIN_BYTES": Setting(20_000, lo=0),
+        "SUBMISSION_MODE": Setting(False),  # fail the run when code + model + margin exceed the cap
+        "CALIB_MAX_EVALS": Setting(0, lo=0),  # 0: no calibration
+        "CALIB_MAX_SECONDS": Setting(30.0, lo=0.0),
+        "CALIB_TOKENS": Setting(32768, lo=1),  # training tokens per proxy evaluation (all ranks together)
+        "CALIB_MIN_PARAMS": Setting(65536, lo=0),  # size prefilter: smaller tensors keep their defaults
     }
 
     def __init__(self, environ: dict[str, str] | None = None):
@@ -186,6 +203,10 @@ class Hyperparameters:
                 "EMBED_DIM factoring needs TIE_EMBEDDINGS=1")
         require(float(self.mlp_hidden) == self.mlp_mult * self.model_dim,
                 f"MLP_MULT*MODEL_DIM={self.mlp_mult * self.model_dim} must be a whole number")
+        if self.turbo_quant_train or self.turbo_quant_export:
+            size = self.ternary_group_size
+            require(self.weight_quant == "ternary" and size & (size - 1) == 0,
+                    "TURBO_QUANT_* needs WEIGHT_QUANT=ternary and a power-of-two TERNARY_GROUP_SIZE (the Hadamard block)")
         if self.weight_quant == "ternary":
             for label, width in (("MODEL_DIM", self.model_dim), ("MLP_MULT*MODEL_DIM", self.mlp_hidden)):
                 require(width % self.ternary_group_size == 0,
@@ -433,23 +454,37 @@ def fp_fake_quant(w: Tensor, fmt: str) -> Tensor:
     return w + (q.to(w.dtype) - w).detach()
 
 
+def fp8_scale_factor(scales: Tensor) -> Tensor:
+    """Power-of-two per-tensor factor for fp8 scales: dividing by it is exact, so re-encoding stored scales
+    reproduces them bit for bit."""
+    return torch.exp2(torch.ceil(torch.log2(scales.amax().clamp_min(1e-30) / FP8_MAX)))
+
+
 def round_scale(scale: Tensor, fmt: str) -> Tensor:
-    """Per-group ternary scales as they will be stored: fp16, or fp8 under one fp32 per-tensor factor."""
+    """Per-group ternary scales as they will be stored: fp16, or fp8 times a power-of-two per-tensor factor."""
     if fmt == "fp16":
         return scale.clamp(6.2e-5, 65504.0).to(torch.float16).float()
-    factor = scale.amax().clamp_min(1e-12) / FP8_MAX
-    return fp8_decode(fp8_encode(scale, factor), factor).clamp_min(1e-12)
+    factor = fp8_scale_factor(scale)
+    return fp8_decode(fp8_encode(scale, factor), factor).clamp_min(2.0 ** -9 * factor)
 
 
-def ternary_scales(w: Tensor, group_size: int, scale_format: str) -> Tensor:
-    """BitNet b1.58 absmean scale of each group of `group_size` input features: [out, in/group]."""
+def ternary_quantize(w: Tensor, group_size: int, scale_format: str, threshold: float | Tensor = 0.5,
+                     scale_mult: float | Tensor = 1.0, fixed_scales: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """BitNet b1.58: trits (int8 {-1,0,1}) and per-group scales [out, in/group] as stored.
+
+    A weight becomes +-1 where |w| exceeds `threshold` times its group's absmean (0.5 is plain rounding).
+    Scales are the absmean times `scale_mult`, rounded to their storage format, unless fixed_scales
+    (a loaded artifact's exact scales) are given.
+    """
     groups = w.detach().float().reshape(w.shape[0], -1, group_size)
-    return round_scale(groups.abs().mean(-1).clamp_min(1e-8), scale_format)
-
-
-def ternary_trits(w: Tensor, scales: Tensor, group_size: int) -> Tensor:
-    groups = w.detach().float().reshape(w.shape[0], -1, group_size)
-    return (groups / scales.unsqueeze(-1)).round().clamp(-1, 1).to(torch.int8).reshape(w.shape)
+    if fixed_scales is None:
+        reference = groups.abs().mean(-1).clamp_min(1e-8)
+        scales = round_scale(reference * scale_mult, scale_format)
+    else:
+        reference = scales = fixed_scales
+    ratio = groups / reference.unsqueeze(-1)
+    trits = torch.where(ratio.abs() > threshold, ratio.sign(), torch.zeros_like(ratio))
+    return trits.to(torch.int8).reshape(w.shape), scales
 
 
 def ternary_dequantize(trits: Tensor, scales: Tensor, group_size: int) -> Tensor:
@@ -457,25 +492,52 @@ def ternary_dequantize(trits: Tensor, scales: Tensor, group_size: int) -> Tensor
     return (groups * scales.unsqueeze(-1)).reshape(trits.shape)
 
 
-def ternary_ste_weight(w: Tensor, group_size: int, scale_format: str) -> Tensor:
-    """Forward: the dequantized ternary weight; backward: identity onto the fp shadow weight."""
-    scales = ternary_scales(w, group_size, scale_format)
-    q = ternary_dequantize(ternary_trits(w, scales, group_size), scales, group_size)
-    return w + (q.to(w.dtype) - w).detach()
+def hadamard_matrix(n: int) -> Tensor:
+    """Orthonormal Sylvester Hadamard matrix (n a power of two); symmetric, so it is its own inverse."""
+    h = torch.ones(1, 1)
+    while h.size(0) < n:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return h / math.sqrt(n)
+
+
+def rotate_blocks(x: Tensor, hadamard: Tensor) -> Tensor:
+    """Multiply each block of the last dim by the Hadamard matrix (TurboQuant's rotation)."""
+    n = hadamard.size(0)
+    return (x.reshape(*x.shape[:-1], -1, n) @ hadamard.to(x.dtype)).reshape(x.shape)
 
 
 # -----------------------------------------------------------------------------
 # Model: ternary U-Net GPT
 # -----------------------------------------------------------------------------
 class TernaryLinear(nn.Linear):
-    """BitNet b1.58 linear layer: {-1, 0, +1} x per-group absmean scale, trained through an fp shadow weight."""
+    """BitNet b1.58 linear layer: {-1, 0, +1} x per-group absmean scale, trained through an fp shadow weight.
 
-    def __init__(self, in_features: int, out_features: int, group_size: int, scale_format: str):
+    The buffers hold what calibration chose (threshold, scale multiplier) and, in a model loaded from an
+    artifact, the exact stored scales; the exporter reads trits and scales through quantized(), so the
+    artifact holds exactly what the forward used. With `rotate`, inputs pass through a blockwise Hadamard
+    rotation (TurboQuant) and the weight lives in the rotated basis.
+    """
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, scale_format: str, rotate: bool = False):
         super().__init__(in_features, out_features, bias=False)
         self.group_size, self.scale_format = group_size, scale_format
+        self.register_buffer("threshold", torch.tensor(0.5), persistent=False)
+        self.register_buffer("scale_mult", torch.tensor(1.0), persistent=False)
+        self.register_buffer("fixed_scales", None, persistent=False)
+        self.register_buffer("hadamard", hadamard_matrix(group_size) if rotate else None, persistent=False)
+
+    def quantized(self, weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Trits and scales of `weight` (default: this layer's) under this layer's quantization settings."""
+        return ternary_quantize(self.weight if weight is None else weight, self.group_size, self.scale_format,
+                                self.threshold, self.scale_mult, self.fixed_scales)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, ternary_ste_weight(self.weight, self.group_size, self.scale_format).to(x.dtype))
+        trits, scales = self.quantized()
+        q = ternary_dequantize(trits, scales, self.group_size)
+        w = self.weight + (q.to(self.weight.dtype) - self.weight).detach()  # straight-through estimator
+        if self.hadamard is not None:
+            x = rotate_blocks(x, self.hadamard)
+        return F.linear(x, w.to(x.dtype))
 
 
 class CastedLinear(nn.Linear):
@@ -490,7 +552,8 @@ class CastedLinear(nn.Linear):
 
 def make_linear(args: Hyperparameters, in_features: int, out_features: int) -> nn.Linear:
     if args.weight_quant == "ternary":
-        return TernaryLinear(in_features, out_features, args.ternary_group_size, args.ternary_scale_format)
+        return TernaryLinear(in_features, out_features, args.ternary_group_size, args.ternary_scale_format,
+                             rotate=args.turbo_quant_train)
     return CastedLinear(in_features, out_features)
 
 
@@ -871,6 +934,12 @@ def grad_accum_steps(args: Hyperparameters, world_size: int) -> tuple[int, int]:
     return accum, seqs // accum * args.train_seq_len
 
 
+def training_seconds(args: Hyperparameters) -> float:
+    """The step loop's share of MAX_WALLCLOCK_SECONDS: calibration reads training data, so its budget comes out of it."""
+    reserved = args.calib_max_seconds if args.calib_max_evals and args.weight_quant == "ternary" else 0.0
+    return max(args.max_wallclock_seconds - reserved, 0.0) if args.max_wallclock_seconds > 0 else 0.0
+
+
 def lr_scale(step: int, elapsed_ms: float, args: Hyperparameters) -> float:
     """Linear warmup, then linear warmdown over the last WARMDOWN_ITERS steps; under a wall-clock cap the
     remaining steps are estimated from the mean step time, so the warmdown ends when the clock does."""
@@ -879,13 +948,13 @@ def lr_scale(step: int, elapsed_ms: float, args: Hyperparameters) -> float:
         return scale
     by_steps = min(1.0, max(args.iterations - step, 0) / args.warmdown_iters)
     if args.max_wallclock_seconds > 0 and step > 0:
-        remaining_ms = max(1000.0 * args.max_wallclock_seconds - elapsed_ms, 0.0)
+        remaining_ms = max(1000.0 * training_seconds(args) - elapsed_ms, 0.0)
         by_steps = min(by_steps, remaining_ms / (args.warmdown_iters * elapsed_ms / step))
     return scale * min(by_steps, 1.0)
 
 
 def training_progress(step: int, elapsed_ms: float, args: Hyperparameters) -> float:
-    by_time = elapsed_ms / (1000.0 * args.max_wallclock_seconds) if args.max_wallclock_seconds > 0 else 0.0
+    by_time = elapsed_ms / (1000.0 * training_seconds(args)) if training_seconds(args) > 0 else 0.0
     return min(1.0, max(step / args.iterations, by_time))
 
 
@@ -932,6 +1001,396 @@ def apply_schedules(optimizers: list[torch.optim.Optimizer], args: Hyperparamete
             group["lr"] = group["base_lr"] * scale
             if isinstance(opt, Muon):
                 group["momentum"] = momentum
+
+
+# -----------------------------------------------------------------------------
+# Calibration & export
+# -----------------------------------------------------------------------------
+# Calibration: a greedy per-tensor search over the ternary threshold and scale multiplier, scored by the loss
+# of the quantized forward on training tokens. It reads training data, so it runs inside the training
+# budget (train() stops CALIB_MAX_SECONDS early). Every rank scores its share of the same batch and one
+# all-reduce per evaluation carries both the loss and the out-of-budget flag, so every rank takes every
+# decision together and no rank waits in a collective the others skipped.
+CALIB_THRESHOLDS = (0.4, 0.45, 0.55, 0.6, 0.7)
+CALIB_SCALE_MULTS = (0.9, 0.95, 1.05, 1.1)
+
+
+def calibrate_ternary(model: GPT, args: Hyperparameters, rt: Runtime, log: Logger) -> None:
+    if args.calib_max_evals == 0 or args.weight_quant != "ternary":
+        return
+    t0 = time.perf_counter()
+    layers = sorted(((m.weight.numel(), name, m) for name, m in model.named_modules()
+                     if isinstance(m, TernaryLinear) and m.weight.numel() >= args.calib_min_params),
+                    key=lambda item: (-item[0], item[1]))
+    local_tokens = max(args.train_seq_len, args.calib_tokens // rt.world_size // args.train_seq_len * args.train_seq_len)
+    loader = DistributedTokenLoader(os.path.join(args.data_path, "fineweb_train_*.bin"), args.vocab_size, rt.rank,
+                                    rt.world_size, rt.device)
+    x, y = loader.next_batch(local_tokens, args.train_seq_len)
+    evals = 0
+
+    @torch.no_grad()
+    def proxy_loss() -> tuple[float, bool]:
+        nonlocal evals
+        with rt.autocast():
+            loss = token_losses(model(x), y).double().mean()
+        out_of_time = time.perf_counter() - t0 >= args.calib_max_seconds
+        packed = rt.all_reduce(torch.stack((loss, torch.tensor(float(out_of_time), device=rt.device, dtype=torch.float64))))
+        evals += 1
+        return float(packed[0]) / rt.world_size, bool(packed[1] > 0) or evals >= args.calib_max_evals
+
+    best, stop = proxy_loss()
+    start_loss, changed = best, 0
+    for _, name, layer in layers:
+        for buffer, default, candidates in ((layer.threshold, 0.5, CALIB_THRESHOLDS),
+                                            (layer.scale_mult, 1.0, CALIB_SCALE_MULTS)):
+            kept = default
+            for value in candidates:
+                if stop:
+                    break
+                buffer.fill_(value)
+                loss, stop = proxy_loss()
+                if loss < best:
+                    best, kept = loss, value
+            buffer.fill_(kept)
+            changed += kept != default
+    if rt.distributed:  # decisions already agree; the broadcast makes the buffers bit-identical on every rank
+        for _, _, layer in layers:
+            dist.broadcast(layer.threshold, src=0)
+            dist.broadcast(layer.scale_mult, src=0)
+    log(f"calibration evals:{evals} tensors:{len(layers)} changed:{changed} proxy_loss:{start_loss:.4f}->{best:.4f} "
+        f"time:{1000.0 * (time.perf_counter() - t0):.0f}ms")
+
+
+# Artifact layout (our own format; loading never unpickles or executes anything):
+#   b"SKCG" | version u8 | codec u8 | payload length u32 | crc32 of the compressed payload u32 | payload
+# The decompressed payload is a u32 header length, a JSON header (model config and one record per tensor:
+# name, encoding, shape, blob offsets) and the concatenated blobs.
+ARTIFACT_MAGIC = b"SKCG"
+ARTIFACT_VERSION = 1
+ARTIFACT_CODECS = ("brotli", "lzma", "zlib")
+# Settings that shape the model; the artifact carries them so a loader rebuilds the same network.
+MODEL_SETTINGS = ("NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "MLP_ACT", "EMBED_DIM",
+                  "TIE_EMBEDDINGS", "ROPE_BASE", "ROPE_DIMS", "QK_NORM", "LOGIT_SOFTCAP", "SOFTCAP_TYPE", "WEIGHT_QUANT",
+                  "TERNARY_GROUP_SIZE", "TERNARY_SCALE_FORMAT", "FP_STORAGE_SIM", "TURBO_QUANT_TRAIN")
+CLIP_RATIOS = (1.0, 0.995, 0.99, 0.98, 0.96, 0.93, 0.9, 0.85, 0.8)
+INT8_FP16_MAX_NUMEL = 65536  # the baseline keeps tensors this small in fp16
+
+
+class ArtifactError(ValueError):
+    """An artifact that is truncated, corrupt, or not ours."""
+
+
+def compress(data: bytes, codec: str) -> bytes:
+    if codec == "brotli":
+        import brotli
+        return brotli.compress(data, quality=11, lgwin=24)
+    if codec == "lzma":
+        return lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)
+    return zlib.compress(data, 9)
+
+
+def decompress(data: bytes, codec: str) -> bytes:
+    if codec == "brotli":
+        import brotli
+        return brotli.decompress(data)
+    if codec == "lzma":
+        return lzma.decompress(data)
+    return zlib.decompress(data)
+
+
+def resolve_codec(args: Hyperparameters) -> str:
+    if args.export_format == "int8_zlib":
+        return "zlib"
+    if args.export_codec != "auto":
+        return args.export_codec
+    try:
+        import brotli  # noqa: F401
+        return "brotli"
+    except ImportError:
+        return "lzma"
+
+
+def pack_trits(trits: np.ndarray, packing: str) -> bytes:
+    """base3: 5 trits a byte (3^5 = 243 <= 256); 2bit: 4 trits a byte. Trits -1/0/1 are stored as 0/1/2."""
+    digits = (trits.reshape(-1).astype(np.int16) + 1).astype(np.uint8)
+    per_byte, radix = (5, 3) if packing == "base3" else (4, 4)
+    digits = np.concatenate((digits, np.zeros(-digits.size % per_byte, dtype=np.uint8))).reshape(-1, per_byte)
+    weights = (radix ** np.arange(per_byte)).astype(np.uint16)
+    return (digits.astype(np.uint16) * weights).sum(axis=1).astype(np.uint8).tobytes()
+
+
+def unpack_trits(data: bytes, count: int, packing: str) -> np.ndarray:
+    per_byte, radix = (5, 3) if packing == "base3" else (4, 4)
+    packed = np.frombuffer(data, dtype=np.uint8).astype(np.int16)
+    if packed.size != -(-count // per_byte):
+        raise ArtifactError(f"trit blob holds {packed.size} bytes, expected {-(-count // per_byte)} for {count} trits")
+    digits = (packed[:, None] // (radix ** np.arange(per_byte))) % radix
+    return (digits.reshape(-1)[:count] - 1).astype(np.int8)
+
+
+def pack_nibbles(codes: np.ndarray) -> bytes:
+    flat = codes.reshape(-1).astype(np.uint8)
+    flat = np.concatenate((flat, np.zeros(flat.size % 2, dtype=np.uint8)))
+    return (flat[0::2] | (flat[1::2] << 4)).tobytes()
+
+
+def unpack_nibbles(data: bytes, count: int) -> np.ndarray:
+    packed = np.frombuffer(data, dtype=np.uint8)
+    return np.stack((packed & 15, packed >> 4), axis=1).reshape(-1)[:count]
+
+
+def fp_protected(name: str, args: Hyperparameters) -> bool:
+    return any(part and part in name for part in args.export_fp16_patterns.split(","))
+
+
+def encode_rows(w: Tensor, fmt: str, clip: float) -> tuple[Tensor, Tensor]:
+    """(codes, fp16-exact per-row scales) for fp8, fp4 or int8 storage of a 2-D tensor."""
+    if fmt == "int8":
+        scale = (w.abs().amax(dim=-1, keepdim=True) * clip / 127.0).clamp_min(1e-12).to(torch.float16).float()
+        return (w / scale).round().clamp(-127, 127).to(torch.int8), scale
+    scale = fp_row_scale(w, fmt, clip)
+    return (fp8_encode(w, scale) if fmt == "fp8" else fp4_encode(w, scale)), scale
+
+
+def decode_rows(codes: Tensor, scale: Tensor, fmt: str) -> Tensor:
+    if fmt == "int8":
+        return codes.float() * scale
+    return fp8_decode(codes, scale) if fmt == "fp8" else fp4_decode(codes, scale)
+
+
+def best_clip(w: Tensor, fmt: str, search: bool) -> float:
+    """GPTQ-lite: the clip ratio whose round trip is closest (squared error) to the original tensor."""
+    if not search:
+        return 1.0
+    errors = [(float((decode_rows(*encode_rows(w, fmt, c), fmt) - w).square().sum()), c) for c in CLIP_RATIOS]
+    return min(errors)[1]
+
+
+class TensorRecord(NamedTuple):
+    name: str
+    encoding: str  # ternary | fp8 | fp4 | int8 | fp16
+    shape: tuple[int, ...]
+    arrays: dict[str, np.ndarray]  # the stored numbers, before trit/nibble packing
+    meta: dict
+
+
+def encode_tensor(name: str, t: Tensor, module: nn.Module | None, args: Hyperparameters) -> TensorRecord:
+    t = t.detach().float().cpu()
+    shape = tuple(t.shape)
+    if isinstance(module, TernaryLinear) and args.export_format == "ternary":
+        weight = module.weight
+        if args.turbo_quant_export and module.hadamard is None:  # the loaded layer rotates its inputs to match
+            weight = rotate_blocks(weight.detach(), hadamard_matrix(module.group_size))
+        trits, scales = module.quantized(weight)
+        arrays = {"trits": trits.cpu().numpy()}
+        meta = {"group_size": module.group_size, "scale_format": module.scale_format}
+        if module.scale_format == "fp16":
+            arrays["scales"] = scales.cpu().to(torch.float16).numpy()
+        else:
+            factor = fp8_scale_factor(scales)
+            arrays["scales"] = fp8_encode(scales.cpu(), factor.cpu()).view(torch.uint8).numpy()
+            meta["scale_factor"] = float(factor)
+        return TensorRecord(name, "ternary", shape, arrays, meta)
+    if args.fp_storage_sim != "none" and name == "tok_emb.weight":
+        fmt, clip = args.fp_storage_sim, 1.0  # exactly what the training forward simulated
+    elif (classify_parameter(name, t) not in ("matrix", "embed", "head") or fp_protected(name, args)
+          or (args.export_format == "int8_zlib" and t.numel() <= INT8_FP16_MAX_NUMEL)):
+        return TensorRecord(name, "fp16", shape, {"values": t.to(torch.float16).numpy()}, {})
+    else:
+        fmt = "int8" if args.export_format == "int8_zlib" else args.export_fp_format
+        if fmt == "fp16":
+            return TensorRecord(name, "fp16", shape, {"values": t.to(torch.float16).numpy()}, {})
+        clip = best_clip(t, fmt, args.export_clip_search)
+    codes, scale = encode_rows(t, fmt, clip)
+    codes = codes.view(torch.uint8) if fmt == "fp8" else codes
+    return TensorRecord(name, fmt, shape, {"codes": codes.numpy(), "scales": scale.to(torch.float16).numpy()},
+                        {"clip": clip})
+
+
+def encode_model(model: GPT, args: Hyperparameters) -> list[TensorRecord]:
+    owners = {f"{prefix}.weight" if prefix else "weight": m for prefix, m in model.named_modules()
+              if isinstance(m, TernaryLinear)}
+    return [encode_tensor(name, t, owners.get(name), args) for name, t in model.state_dict().items()]
+
+
+def decode_tensor(record: TensorRecord) -> tuple[Tensor, Tensor | None]:
+    """(dequantized tensor, exact ternary scales or None)."""
+    a = record.arrays
+    if record.encoding == "fp16":
+        return torch.from_numpy(a["values"].astype(np.float32)).reshape(record.shape), None
+    if record.encoding == "ternary":
+        if record.meta["scale_format"] == "fp16":
+            scales = torch.from_numpy(a["scales"].astype(np.float32))
+        else:
+            scales = fp8_decode(torch.from_numpy(a["scales"].copy()).view(torch.float8_e4m3fn),
+                                torch.tensor(record.meta["scale_factor"]))
+        trits = torch.from_numpy(a["trits"].astype(np.int8)).reshape(record.shape)
+        return ternary_dequantize(trits, scales, record.meta["group_size"]), scales
+    codes = torch.from_numpy(a["codes"].copy()).reshape(record.shape)
+    codes = codes.view(torch.float8_e4m3fn) if record.encoding == "fp8" else codes
+    return decode_rows(codes, torch.from_numpy(a["scales"].astype(np.float32)), record.encoding), None
+
+
+def serialize_records(records: list[TensorRecord], config: dict, packing: str) -> tuple[bytes, dict[str, list[bytes]]]:
+    """The uncompressed payload, and its blobs grouped by component (for the size report)."""
+    blobs, entries = [], []
+    components: dict[str, list[bytes]] = {"ternary_trits": [], "ternary_scales": [], "fp_codes": [], "fp_scales": [],
+                                          "fp16": []}
+    offset = 0
+    for r in records:
+        fields = {}
+        for key, array in r.arrays.items():
+            if key == "trits":
+                data, component = pack_trits(array, packing), "ternary_trits"
+            elif key == "codes" and r.encoding == "fp4":
+                data, component = pack_nibbles(array), "fp_codes"
+            else:
+                data = np.ascontiguousarray(array).tobytes()
+                component = {"scales": "ternary_scales" if r.encoding == "ternary" else "fp_scales",
+                             "codes": "fp_codes", "values": "fp16"}[key]
+            fields[key] = [offset, len(data), str(array.dtype), list(array.shape)]
+            blobs.append(data)
+            offset += len(data)
+            components[component].append(data)
+        entries.append({"name": r.name, "encoding": r.encoding, "shape": list(r.shape), "fields": fields, "meta": r.meta})
+    header = json.dumps({"config": config, "packing": packing, "tensors": entries}, sort_keys=True,
+                        separators=(",", ":")).encode()
+    return len(header).to_bytes(4, "little") + header + b"".join(blobs), {**components, "header": [header]}
+
+
+def deserialize_records(payload: bytes) -> tuple[dict, list[TensorRecord]]:
+    try:
+        header_len = int.from_bytes(payload[:4], "little")
+        header = json.loads(payload[4:4 + header_len])
+        body = memoryview(payload)[4 + header_len:]
+        records = []
+        for e in header["tensors"]:
+            arrays = {}
+            for key, (offset, length, dtype, shape) in e["fields"].items():
+                if offset + length > len(body):
+                    raise ArtifactError(f"tensor {e['name']} runs past the end of the payload")
+                data = bytes(body[offset:offset + length])
+                count = int(np.prod(shape))
+                if key == "trits":
+                    arrays[key] = unpack_trits(data, count, header["packing"]).reshape(shape)
+                elif key == "codes" and e["encoding"] == "fp4":
+                    arrays[key] = unpack_nibbles(data, count).reshape(shape)
+                else:
+                    arrays[key] = np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape)
+            records.append(TensorRecord(e["name"], e["encoding"], tuple(e["shape"]), arrays, e["meta"]))
+        return header["config"], records
+    except (ValueError, KeyError, TypeError) as error:
+        raise ArtifactError(f"artifact payload is corrupt: {error}") from None
+
+
+def frame_artifact(payload: bytes, codec: str) -> bytes:
+    body = compress(payload, codec)
+    head = ARTIFACT_MAGIC + bytes((ARTIFACT_VERSION, ARTIFACT_CODECS.index(codec)))
+    return head + len(body).to_bytes(4, "little") + zlib.crc32(body).to_bytes(4, "little") + body
+
+
+def unframe_artifact(blob: bytes, source: str) -> bytes:
+    if len(blob) < 14 or blob[:4] != ARTIFACT_MAGIC:
+        raise ArtifactError(f"{source} is not an skc-golf artifact (bad magic or shorter than its 14-byte header)")
+    if blob[4] != ARTIFACT_VERSION or blob[5] >= len(ARTIFACT_CODECS):
+        raise ArtifactError(f"{source} has artifact version {blob[4]} / codec {blob[5]}, which this trainer cannot read")
+    length, crc = int.from_bytes(blob[6:10], "little"), int.from_bytes(blob[10:14], "little")
+    body = blob[14:]
+    if len(body) != length:
+        raise ArtifactError(f"{source} is truncated: header says {length} payload bytes, file has {len(body)}")
+    if zlib.crc32(body) != crc:
+        raise ArtifactError(f"{source} is corrupt: payload checksum mismatch")
+    return decompress(body, ARTIFACT_CODECS[blob[5]])
+
+
+def artifact_config(args: Hyperparameters) -> dict:
+    config = {name: getattr(args, name.lower()) for name in MODEL_SETTINGS}
+    config["VOCAB_SIZE"] = args.vocab_size
+    config["TURBO_QUANT_TRAIN"] = args.turbo_quant_train or (args.turbo_quant_export and args.export_format == "ternary")
+    return config
+
+
+class ExportResult(NamedTuple):
+    blob: bytes
+    packing: str
+    codec: str
+    components: dict[str, list[bytes]]
+    records: list[TensorRecord]
+
+
+def export_model(model: GPT, args: Hyperparameters, log: Logger) -> ExportResult:
+    """Encode, then frame with each trit packing and keep the smaller artifact."""
+    records = encode_model(model, args)
+    codec = resolve_codec(args)
+    has_trits = any(r.encoding == "ternary" for r in records)
+    candidates = []
+    for packing in ("base3", "2bit") if has_trits else ("base3",):
+        payload, components = serialize_records(records, artifact_config(args), packing)
+        candidates.append((len(blob := frame_artifact(payload, codec)), packing, blob, components))
+    if has_trits:
+        log("trit_packing " + " ".join(f"{p}:{n}" for n, p, _, _ in candidates) +
+            f" -> {min(candidates)[1]} (smaller compressed artifact)")
+    size, packing, blob, components = min(candidates)
+    return ExportResult(blob, packing, codec, components, records)
+
+
+def model_from_records(config: dict, records: list[TensorRecord], args: Hyperparameters) -> GPT:
+    """A fresh model holding exactly the records' weights; ternary layers keep the stored scales.
+    Settings the artifact does not carry (evaluation, attention backend) come from `args`."""
+    model_args = copy.copy(args)
+    for name, value in config.items():
+        if name in Hyperparameters.SETTINGS:
+            setattr(model_args, name.lower(), value)
+    model = GPT(model_args, config["VOCAB_SIZE"])
+    owners = {f"{prefix}.weight": m for prefix, m in model.named_modules() if isinstance(m, TernaryLinear)}
+    state = {}
+    for record in records:
+        tensor, scales = decode_tensor(record)
+        state[record.name] = tensor
+        if scales is not None:
+            owners[record.name].fixed_scales = scales
+    missing = set(model.state_dict()) - set(state)
+    if missing:
+        raise ArtifactError(f"the artifact lacks tensors {sorted(missing)[:5]}: it was exported by a different model")
+    model.load_state_dict(state)
+    return model
+
+
+def load_artifact(blob: bytes, source: str, args: Hyperparameters) -> GPT:
+    config, records = deserialize_records(unframe_artifact(blob, source))
+    return model_from_records(config, records, args)
+
+
+def component_report(result: ExportResult) -> list[str]:
+    """Raw bytes per component and what each compresses to on its own (the levers for the size budget)."""
+    raw, packed = [], []
+    for name, parts in result.components.items():
+        data = b"".join(parts)
+        raw.append(f"{name}:{len(data)}")
+        packed.append(f"{name}:{len(compress(data, result.codec)) if data else 0}")
+    return ["artifact_components_raw_bytes " + " ".join(raw),
+            f"artifact_components_{result.codec}_bytes " + " ".join(packed) + " (each compressed alone)"]
+
+
+def largest_tensors(records: list[TensorRecord], count: int = 10) -> list[str]:
+    sizes = sorted(((sum(a.nbytes for a in r.arrays.values()), r.name, r.encoding) for r in records), reverse=True)
+    return [f"  {name} ({encoding}): {size} bytes before packing and compression" for size, name, encoding in sizes[:count]]
+
+
+def account_artifact(result: ExportResult, code_bytes: int, args: Hyperparameters, log: Logger) -> None:
+    """Code + model bytes against the decimal cap; in submission mode an artifact over cap - margin fails."""
+    total = code_bytes + len(result.blob)
+    headroom = args.size_cap_bytes - total
+    log(f"artifact code_bytes:{code_bytes} model_bytes:{len(result.blob)} total_bytes:{total} "
+        f"cap_bytes:{args.size_cap_bytes} headroom_bytes:{headroom} margin_bytes:{args.size_margin_bytes}")
+    if headroom >= args.size_margin_bytes:
+        return
+    message = (f"artifact total {total} bytes leaves {headroom} bytes under the {args.size_cap_bytes}-byte cap, "
+               f"less than SIZE_MARGIN_BYTES={args.size_margin_bytes}; the largest tensors:\n"
+               + "\n".join(largest_tensors(result.records)))
+    if args.submission_mode:
+        raise ArtifactError(message + "\nshrink the model (MODEL_DIM, NUM_LAYERS, MLP_MULT) or its fp parameters")
+    log("WARNING: " + message)
 
 
 # -----------------------------------------------------------------------------
@@ -1057,7 +1516,10 @@ def train(args: Hyperparameters, rt: Runtime, log: Logger, model: GPT, tables: B
 
     loader = DistributedTokenLoader(train_pattern, model.tok_emb.num_embeddings, rt.rank, rt.world_size, rt.device)
     ema = None
-    max_ms = 1000.0 * args.max_wallclock_seconds
+    max_ms = 1000.0 * training_seconds(args)
+    if args.max_wallclock_seconds > 0 and max_ms <= 0:
+        raise ConfigError(f"CALIB_MAX_SECONDS={args.calib_max_seconds} leaves no training time in "
+                          f"MAX_WALLCLOCK_SECONDS={args.max_wallclock_seconds}")
     tokens_per_step = args.train_batch_tokens
     train_ms, step, last_loss = 0.0, 0, float("nan")
     if rt.device.type == "cuda":
@@ -1114,6 +1576,44 @@ def train(args: Hyperparameters, rt: Runtime, log: Logger, model: GPT, tables: B
     return {"steps": step, "train_ms": train_ms, "tok_s": train_tok_s}
 
 
+def export_name(args: Hyperparameters) -> str:
+    return "int8_zlib" if args.export_format == "int8_zlib" else f"ternary_{resolve_codec(args)}"
+
+
+def export_and_reload(model: GPT, args: Hyperparameters, rt: Runtime, log: Logger):
+    """Rank 0 writes the artifact; after a barrier every rank reads the file back. Returns a loader for the
+    fresh model, so the round-trip evaluation's time includes reading and decoding the artifact."""
+    path = Path(args.artifact_dir or args.log_dir) / f"{args.run_id}_model.skc"
+    if rt.is_main:
+        t0 = time.perf_counter()
+        result = export_model(model, args, log)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(result.blob)
+        log(f"artifact_path:{path} packing:{result.packing} codec:{result.codec} "
+            f"export_time:{1000.0 * (time.perf_counter() - t0):.0f}ms")
+        for line in component_report(result):
+            log(line)
+        account_artifact(result, Path(__file__).stat().st_size, args, log)
+    rt.barrier()
+
+    def reload() -> GPT:
+        loaded = load_artifact(path.read_bytes(), str(path), args).to(rt.device)
+        loaded.set_attention_backend(*select_attention_backend(args.attn_backend, rt.device))
+        return loaded
+    return reload
+
+
+def log_eval(log: Logger, key: str, val_tokens: np.ndarray, tables: ByteTables, rt: Runtime, get_model,
+             args: Hyperparameters) -> EvalTotals:
+    """Evaluate and print the official pair of lines; the time includes getting the model (decompression)."""
+    t0 = time.perf_counter()
+    totals = evaluate_chunked(get_model(), val_tokens, args.train_seq_len, args.val_batch_size, tables, rt)
+    log(f"{key} val_loss:{totals.val_loss:.4f} val_bpb:{totals.val_bpb:.4f} "
+        f"eval_time:{1000.0 * (time.perf_counter() - t0):.0f}ms")
+    log(f"{key}_exact val_loss:{totals.val_loss:.8f} val_bpb:{totals.val_bpb:.8f}")
+    return totals
+
+
 def main(environ: dict[str, str] | None = None) -> None:
     args = Hyperparameters(environ)
     if args.dry_run:
@@ -1147,12 +1647,11 @@ def main(environ: dict[str, str] | None = None) -> None:
     model.set_attention_backend(backend, flash_fn)
     log(f"attn_backend:{backend}")
     log("params " + " ".join(f"{k}:{v}" for k, v in count_parameters(model).items()))
-    summary = train(args, rt, log, model, tables, val_tokens)
-    t0 = time.perf_counter()
-    totals = evaluate_chunked(model, val_tokens, args.train_seq_len, args.val_batch_size, tables, rt)
-    log(f"final_prequant val_loss:{totals.val_loss:.4f} val_bpb:{totals.val_bpb:.4f} "
-        f"eval_time:{1000.0 * (time.perf_counter() - t0):.0f}ms")
-    log(f"final_prequant_exact val_loss:{totals.val_loss:.8f} val_bpb:{totals.val_bpb:.8f}")
+    train(args, rt, log, model, tables, val_tokens)
+    calibrate_ternary(model, args, rt, log)
+    log_eval(log, "final_prequant", val_tokens, tables, rt, lambda: model, args)
+    roundtrip = export_and_reload(model, args, rt, log)
+    log_eval(log, f"final_{export_name(args)}_roundtrip", val_tokens, tables, rt, roundtrip, args)
     if rt.distributed:
         dist.destroy_process_group()
 
@@ -1160,6 +1659,6 @@ def main(environ: dict[str, str] | None = None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, ShardError, FileNotFoundError) as error:
+    except (ConfigError, ShardError, ArtifactError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -1,0 +1,153 @@
+"""Export: trit packing, ternary and fp codecs, the artifact format, accounting, TurboQuant, calibration."""
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt
+from tiny_lm import tiny_data  # noqa: F401
+
+
+def tiny_args(**overrides):
+    env = dict(NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", MLP_MULT="2", TERNARY_GROUP_SIZE="32")
+    env.update({k: str(v) for k, v in overrides.items()})
+    args = train_gpt.Hyperparameters(env)
+    args.vocab_size = 96
+    return args
+
+
+def perturbed_model(args, seed=0):
+    torch.manual_seed(seed)
+    model = train_gpt.GPT(args, args.vocab_size)
+    for p in model.parameters():
+        p.data.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def logits_of(model, seed=1):
+    x = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(x)
+
+
+@pytest.mark.parametrize("packing", ["base3", "2bit"])
+@pytest.mark.parametrize("count", [1, 4, 5, 6, 127, 1001])
+def test_trit_packing_round_trips_byte_exactly(packing, count):
+    trits = np.random.default_rng(count).integers(-1, 2, size=count).astype(np.int8)
+    packed = train_gpt.pack_trits(trits, packing)
+    assert len(packed) == -(-count // (5 if packing == "base3" else 4))
+    unpacked = train_gpt.unpack_trits(packed, count, packing)
+    assert np.array_equal(unpacked, trits)
+    assert train_gpt.pack_trits(unpacked, packing) == packed
+
+
+def test_fp4_nibbles_round_trip():
+    codes = np.random.default_rng(0).integers(0, 16, size=77).astype(np.uint8)
+    assert np.array_equal(train_gpt.unpack_nibbles(train_gpt.pack_nibbles(codes), 77), codes)
+
+
+@pytest.mark.parametrize("scale_format", ["fp16", "fp8"])
+def test_ternary_quantization_is_idempotent(scale_format):
+    w = torch.randn(16, 96)
+    trits, scales = train_gpt.ternary_quantize(w, 32, scale_format)
+    again, _ = train_gpt.ternary_quantize(train_gpt.ternary_dequantize(trits, scales, 32), 32, scale_format)
+    assert torch.equal(trits, again)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"TERNARY_SCALE_FORMAT": "fp8"}, {"TURBO_QUANT_TRAIN": "1"}])
+def test_dequantized_ternary_weights_equal_the_forward_weights(overrides):
+    args = tiny_args(**overrides)
+    model = perturbed_model(args)
+    model.blocks[0].mlp.fc.threshold.fill_(0.6)  # a calibrated layer must export what it computes with
+    model.blocks[0].mlp.fc.scale_mult.fill_(1.1)
+    records = {r.name: r for r in train_gpt.encode_model(model, args)}
+    for name, module in model.named_modules():
+        if isinstance(module, train_gpt.TernaryLinear):
+            stored, _ = train_gpt.decode_tensor(records[name + ".weight"])
+            with torch.no_grad():
+                probe = torch.eye(module.in_features)
+                if module.hadamard is not None:  # undo the input rotation to read the weight itself
+                    probe = train_gpt.rotate_blocks(probe, module.hadamard)
+                used = module(probe).T
+            if module.hadamard is None:
+                assert torch.equal(stored, used), name
+            else:  # the probe's own rotation rounds in fp32
+                assert torch.allclose(stored, used, atol=1e-6), name
+
+
+# (settings, largest logit change the export may cause): a rotated re-quantization changes the function by design
+@pytest.mark.parametrize("overrides, tolerance", [({}, 0.05), ({"EXPORT_FP_FORMAT": "fp4", "EXPORT_FP16_PATTERNS": ""}, 0.5),
+                                                  ({"FP_STORAGE_SIM": "fp8"}, 0.05), ({"TURBO_QUANT_EXPORT": "1"}, None),
+                                                  ({"WEIGHT_QUANT": "none", "EXPORT_FORMAT": "int8_zlib"}, 0.05)])
+def test_reloaded_model_equals_the_in_memory_quantized_model(overrides, tolerance):
+    args = tiny_args(**overrides)
+    model = perturbed_model(args)
+    result = train_gpt.export_model(model, args, train_gpt.Logger(None))
+    in_memory = train_gpt.model_from_records(train_gpt.artifact_config(args), result.records, args)
+    reloaded = train_gpt.load_artifact(result.blob, "test", args)
+    assert torch.equal(logits_of(in_memory), logits_of(reloaded))
+    assert train_gpt.export_model(model, args, train_gpt.Logger(None)).blob == result.blob  # deterministic bytes
+    if tolerance is not None:
+        assert (logits_of(model) - logits_of(reloaded)).abs().max() < tolerance
+
+
+def test_turbo_quant_rotation_is_undone_exactly():
+    h = train_gpt.hadamard_matrix(32)
+    assert torch.allclose(h @ h, torch.eye(32), atol=1e-6)
+    x = torch.randn(3, 96)
+    assert torch.allclose(train_gpt.rotate_blocks(train_gpt.rotate_blocks(x, h), h), x, atol=1e-5)
+    args = tiny_args(TURBO_QUANT_EXPORT=1)
+    model = perturbed_model(args)
+    result = train_gpt.export_model(model, args, train_gpt.Logger(None))
+    loaded = train_gpt.load_artifact(result.blob, "test", args)
+    layer = loaded.blocks[0].attn.c_q
+    dense = train_gpt.rotate_blocks(layer.weight.detach(), h)  # the stored weight, rotated back
+    probe = torch.randn(5, 64)
+    with torch.no_grad():
+        assert torch.allclose(layer(probe), probe @ dense.T, atol=1e-5)
+
+
+def test_corrupt_and_truncated_artifacts_raise_clear_errors():
+    args = tiny_args()
+    blob = train_gpt.export_model(perturbed_model(args), args, train_gpt.Logger(None)).blob
+    flipped = bytearray(blob)
+    flipped[len(blob) // 2] ^= 0xFF
+    cases = [(blob[:-7], "truncated"), (bytes(flipped), "corrupt"), (b"PK\x03\x04" + blob[4:], "not an skc-golf"),
+             (blob[:10], "not an skc-golf")]
+    for bad, message in cases:
+        with pytest.raises(train_gpt.ArtifactError, match=message):
+            train_gpt.load_artifact(bad, "model.skc", args)
+
+
+def test_over_budget_fails_in_submission_mode_with_the_largest_tensors():
+    args = tiny_args(SUBMISSION_MODE=1, SIZE_CAP_BYTES=50_000, SIZE_MARGIN_BYTES=0)
+    result = train_gpt.export_model(perturbed_model(args), args, train_gpt.Logger(None))
+    with pytest.raises(train_gpt.ArtifactError, match=r"(?s)largest tensors.*tok_emb.weight"):
+        train_gpt.account_artifact(result, code_bytes=60_000, args=args, log=train_gpt.Logger(None))
+    lines = []
+    args.submission_mode = False
+    train_gpt.account_artifact(result, code_bytes=60_000, args=args, log=lines.append)
+    assert lines[0].startswith("artifact code_bytes:60000") and "WARNING" in lines[1]
+
+
+@pytest.mark.parametrize("budget, expected_evals", [({"CALIB_MAX_EVALS": 3}, 3),
+                                                    ({"CALIB_MAX_EVALS": 1000, "CALIB_MAX_SECONDS": 0}, 1)])
+def test_calibration_stops_within_its_budget(tiny_data, budget, expected_evals):
+    args = train_gpt.Hyperparameters(tiny_data.env(CALIB_MIN_PARAMS=0, CALIB_TOKENS=256, **budget))
+    args.vocab_size = tiny_data.sp.vocab_size()
+    model = perturbed_model(args)
+    lines = []
+    rt = train_gpt.Runtime(0, 1, 0, torch.device("cpu"), False)
+    train_gpt.calibrate_ternary(model, args, rt, lines.append)
+    assert int(re.search(r"evals:(\d+)", lines[0]).group(1)) == expected_evals
+
+
+def test_training_run_reports_the_round_trip_next_to_the_prequant_score(tiny_data):
+    train_gpt.main(tiny_data.env(RUN_ID="export", ITERATIONS=6, CALIB_MAX_EVALS=4, CALIB_MIN_PARAMS=0))
+    log = (tiny_data.root / "logs" / "export.txt").read_text()
+    assert re.search(r"^artifact code_bytes:\d+ model_bytes:\d+ total_bytes:\d+", log, re.M)
+    assert re.search(r"^trit_packing base3:\d+ 2bit:\d+ -> (base3|2bit)", log, re.M)
+    prequant = float(re.search(r"final_prequant_exact val_loss:([\d.]+)", log).group(1))
+    roundtrip = float(re.search(r"final_ternary_\w+_roundtrip_exact val_loss:([\d.]+)", log).group(1))
+    assert abs(prequant - roundtrip) < 0.02
