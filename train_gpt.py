@@ -169,6 +169,26 @@ class Hyperparameters:
         "CALIB_MAX_SECONDS": Setting(30.0, lo=0.0),
         "CALIB_TOKENS": Setting(32768, lo=1),  # training tokens per proxy evaluation (all ranks together)
         "CALIB_MIN_PARAMS": Setting(65536, lo=0),  # size prefilter: smaller tensors keep their defaults
+        # evaluation
+        "EVAL_ARTIFACT": Setting(""),  # path: skip training and evaluate this artifact
+        "EVAL_SEQ_LEN": Setting(0, lo=0),  # 0: TRAIN_SEQ_LEN
+        "SLIDING_EVAL_STRIDE": Setting(0, lo=0),  # 0: no sliding-window mode
+        "EVAL_CHUNK_TOKENS": Setting(32768, lo=1),  # score-first chunk for TTT and EvalEngram
+        "EVAL_MAX_SECONDS": Setting(600.0, lo=0.0),
+        "EVAL_DUMP_TOKEN_LOSSES": Setting(""),  # path.npz: per-target losses and bytes of every mode
+        "EVAL_TEMPERATURE_FIT": Setting(False),  # fit a logit temperature on training tokens
+        "EVAL_ENGRAM": Setting(False),
+        "EVAL_ENGRAM_ORDER": Setting(2, lo=2, hi=4),
+        "EVAL_ENGRAM_BUCKETS": Setting(16384, lo=1),  # context buckets for orders above 2
+        "EVAL_ENGRAM_ALPHA": Setting(0.1, lo=1e-6),  # Laplace smoothing
+        "EVAL_ENGRAM_WEIGHT": Setting(0.5, lo=0.0),
+        "EVAL_ENGRAM_CENTER": Setting(3.0),  # model entropy (nats) where the gate is half open
+        "TTT_ENABLED": Setting(False),
+        "TTT_SCOPE": Setting("scalars", choices=("scalars", "all")),
+        "TTT_LR": Setting(0.002, lo=0.0),
+        "TTT_MOMENTUM": Setting(0.9, lo=0.0, hi=0.9999),
+        "TTT_EPOCHS": Setting(1, lo=1),
+        "TTT_GRAD_CLIP": Setting(1.0, lo=0.0),
     }
 
     def __init__(self, environ: dict[str, str] | None = None):
@@ -207,6 +227,8 @@ class Hyperparameters:
             size = self.ternary_group_size
             require(self.weight_quant == "ternary" and size & (size - 1) == 0,
                     "TURBO_QUANT_* needs WEIGHT_QUANT=ternary and a power-of-two TERNARY_GROUP_SIZE (the Hadamard block)")
+        require(self.sliding_eval_stride <= self.eval_len,
+                f"SLIDING_EVAL_STRIDE={self.sliding_eval_stride} must be at most the eval sequence length {self.eval_len}")
         if self.weight_quant == "ternary":
             for label, width in (("MODEL_DIM", self.model_dim), ("MLP_MULT*MODEL_DIM", self.mlp_hidden)):
                 require(width % self.ternary_group_size == 0,
@@ -216,6 +238,10 @@ class Hyperparameters:
     @property
     def head_dim(self) -> int:
         return self.model_dim // self.num_heads
+
+    @property
+    def eval_len(self) -> int:
+        return self.eval_seq_len or self.train_seq_len
 
     @property
     def mlp_hidden(self) -> int:
@@ -235,6 +261,7 @@ SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
 SHARD_HEADER_INTS = 256
 SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
+BOS_ID = 1  # every document is BOS followed by its tokens (no EOS)
 
 
 class ShardError(ValueError):
@@ -692,6 +719,8 @@ class GPT(nn.Module):
         self.num_decoder_layers = args.num_layers - self.num_encoder_layers
         self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder_layers, self.num_decoder_layers), args.model_dim))
         self.blocks = nn.ModuleList(Block(args) for _ in range(args.num_layers))
+        # fitted after training on training tokens; part of the artifact
+        self.register_buffer("logit_temperature", torch.tensor(1.0) if args.eval_temperature_fit else None)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -732,7 +761,8 @@ class GPT(nn.Module):
             if self.head_proj is not None:
                 hidden = self.head_proj(hidden)
             raw = F.linear(hidden, self.embedding_weight().to(hidden.dtype))
-        return softcap(raw.float(), self.args.logit_softcap, self.args.softcap_type)
+        capped = softcap(raw.float(), self.args.logit_softcap, self.args.softcap_type)
+        return capped if self.logit_temperature is None else capped / self.logit_temperature
 
     def forward(self, input_ids: Tensor) -> Tensor:
         """Logits [B, T, vocab] in fp32, after the softcap."""
@@ -934,9 +964,15 @@ def grad_accum_steps(args: Hyperparameters, world_size: int) -> tuple[int, int]:
     return accum, seqs // accum * args.train_seq_len
 
 
+def post_training_fits(args: Hyperparameters) -> bool:
+    """Whether calibration or temperature fitting will read training data after the step loop."""
+    return bool(args.calib_max_evals and args.weight_quant == "ternary") or args.eval_temperature_fit
+
+
 def training_seconds(args: Hyperparameters) -> float:
-    """The step loop's share of MAX_WALLCLOCK_SECONDS: calibration reads training data, so its budget comes out of it."""
-    reserved = args.calib_max_seconds if args.calib_max_evals and args.weight_quant == "ternary" else 0.0
+    """The step loop's share of MAX_WALLCLOCK_SECONDS: calibration and temperature fitting read training data,
+    so CALIB_MAX_SECONDS comes out of it for them."""
+    reserved = args.calib_max_seconds if post_training_fits(args) else 0.0
     return max(args.max_wallclock_seconds - reserved, 0.0) if args.max_wallclock_seconds > 0 else 0.0
 
 
@@ -1003,6 +1039,112 @@ def apply_schedules(optimizers: list[torch.optim.Optimizer], args: Hyperparamete
                 group["momentum"] = momentum
 
 
+def peak_memory_mib(rt: Runtime) -> float:
+    if rt.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(rt.device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def use_compile(args: Hyperparameters, rt: Runtime) -> bool:
+    return args.model_compile == "1" or (args.model_compile == "auto" and rt.device.type == "cuda")
+
+
+def train(args: Hyperparameters, rt: Runtime, log: Logger, model: GPT, val_ctx: StreamContext) -> dict[str, float]:
+    """Warm-up, then the timed step loop; returns the training summary. Stops on every rank at the same step."""
+    compiled = torch.compile(model, dynamic=False) if use_compile(args, rt) else model
+    if rt.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+        compiled = DistributedDataParallel(compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
+                                           broadcast_buffers=False)
+    optimizers, groups = build_optimizers(model, args, fused=rt.device.type == "cuda")
+    for kind, names in groups.items():
+        log(f"param_group:{kind} tensors:{len(names)} params:{sum(dict(model.named_parameters())[n].numel() for n in names)}")
+    accum, micro_tokens = grad_accum_steps(args, rt.world_size)
+    log(f"grad_accum_steps:{accum} micro_batch_tokens_per_rank:{micro_tokens}")
+    train_pattern = os.path.join(args.data_path, "fineweb_train_*.bin")
+
+    def zero_grads() -> None:
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    if args.warmup_steps:  # compile and allocator warm-up on training tokens; the weights are restored after
+        initial_model = copy.deepcopy(model.state_dict())
+        initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+        warm_loader = DistributedTokenLoader(train_pattern, model.tok_emb.num_embeddings, rt.rank, rt.world_size, rt.device)
+        for warm_step in range(args.warmup_steps):
+            train_step(compiled, warm_loader, args, rt, accum, micro_tokens)
+            for opt in optimizers:
+                opt.step()
+            zero_grads()
+        model.load_state_dict(initial_model)
+        for opt, state in zip(optimizers, initial_opts):
+            opt.load_state_dict(state)
+        log(f"warmup_steps:{args.warmup_steps} done (weights and optimizer state restored)")
+
+    loader = DistributedTokenLoader(train_pattern, model.tok_emb.num_embeddings, rt.rank, rt.world_size, rt.device)
+    ema = None
+    max_ms = 1000.0 * training_seconds(args)
+    if args.max_wallclock_seconds > 0 and max_ms <= 0:
+        raise ConfigError(f"CALIB_MAX_SECONDS={args.calib_max_seconds} leaves no training time in "
+                          f"MAX_WALLCLOCK_SECONDS={args.max_wallclock_seconds}")
+    tokens_per_step = args.train_batch_tokens
+    train_ms, step, last_loss = 0.0, 0, float("nan")
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    while True:
+        last_step = step == args.iterations
+        if last_step or (args.val_loss_every and step % args.val_loss_every == 0 and step > 0):
+            if rt.device.type == "cuda":
+                torch.cuda.synchronize()
+            train_ms += 1000.0 * (time.perf_counter() - t0)
+            totals = reduce_scored(evaluate_windows(model, val_ctx, val_ctx.seq_len, rt), rt)
+            log(f"step:{step}/{args.iterations} val_loss:{totals.val_loss:.4f} val_bpb:{totals.val_bpb:.4f} "
+                f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
+            t0 = time.perf_counter()
+        if last_step:
+            break
+        elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
+        scale = lr_scale(step, elapsed_ms, args)
+        apply_schedules(optimizers, args, step, scale)
+        loss = train_step(compiled, loader, args, rt, accum, micro_tokens)
+        if args.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_norm)
+        for opt in optimizers:
+            opt.step()
+        zero_grads()
+        step += 1
+        if args.ema_decay > 0:
+            if ema is None and training_progress(step, elapsed_ms, args) >= args.ema_start_frac:
+                ema = WeightEMA(model, args.ema_decay)
+            elif ema is not None:
+                ema.update(model)
+        # One all-reduce decides for every rank: stop on time, or stop on a non-finite loss.
+        elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
+        flags = torch.stack((torch.tensor(float(max_ms > 0 and elapsed_ms >= max_ms), device=rt.device),
+                             (~torch.isfinite(loss)).float()))
+        flags = rt.all_reduce(flags, op=dist.ReduceOp.MAX).tolist()
+        if flags[1]:
+            raise FloatingPointError(f"non-finite training loss at step {step}; last finite train_loss:{last_loss:.4f} "
+                                     f"lr_scale:{scale:.3f}; lower the learning rates or enable GRAD_CLIP_NORM")
+        last_loss = float(loss)
+        if step % args.train_log_every == 0 or step == 1:
+            log(f"step:{step}/{args.iterations} train_loss:{last_loss:.4f} lr_scale:{scale:.3f} "
+                f"tok_s:{step * tokens_per_step / (elapsed_ms / 1000.0):.0f} train_time:{elapsed_ms:.0f}ms "
+                f"step_avg:{elapsed_ms / step:.2f}ms remaining:{max(max_ms - elapsed_ms, 0.0) / 1000.0:.0f}s")
+        if flags[0]:
+            args.iterations = step  # the cap ends training here, on every rank; the next pass validates
+    train_tok_s = step * tokens_per_step / max(train_ms / 1000.0, 1e-9)
+    log(f"train_done steps:{step} train_time:{train_ms:.0f}ms tok_s:{train_tok_s:.0f}")
+    log(f"peak_mem_mib:{peak_memory_mib(rt):.0f}")
+    if ema is not None:
+        ema.copy_to(model)
+        log(f"ema: applied decay {args.ema_decay} weights")
+    return {"steps": step, "train_ms": train_ms, "tok_s": train_tok_s}
+
+
+
 # -----------------------------------------------------------------------------
 # Calibration & export
 # -----------------------------------------------------------------------------
@@ -1015,6 +1157,14 @@ CALIB_THRESHOLDS = (0.4, 0.45, 0.55, 0.6, 0.7)
 CALIB_SCALE_MULTS = (0.9, 0.95, 1.05, 1.1)
 
 
+def calibration_batch(args: Hyperparameters, rt: Runtime) -> tuple[Tensor, Tensor]:
+    """This rank's share of CALIB_TOKENS training tokens, from the start of the training stream."""
+    local_tokens = max(args.train_seq_len, args.calib_tokens // rt.world_size // args.train_seq_len * args.train_seq_len)
+    loader = DistributedTokenLoader(os.path.join(args.data_path, "fineweb_train_*.bin"), args.vocab_size, rt.rank,
+                                    rt.world_size, rt.device)
+    return loader.next_batch(local_tokens, args.train_seq_len)
+
+
 def calibrate_ternary(model: GPT, args: Hyperparameters, rt: Runtime, log: Logger) -> None:
     if args.calib_max_evals == 0 or args.weight_quant != "ternary":
         return
@@ -1022,10 +1172,7 @@ def calibrate_ternary(model: GPT, args: Hyperparameters, rt: Runtime, log: Logge
     layers = sorted(((m.weight.numel(), name, m) for name, m in model.named_modules()
                      if isinstance(m, TernaryLinear) and m.weight.numel() >= args.calib_min_params),
                     key=lambda item: (-item[0], item[1]))
-    local_tokens = max(args.train_seq_len, args.calib_tokens // rt.world_size // args.train_seq_len * args.train_seq_len)
-    loader = DistributedTokenLoader(os.path.join(args.data_path, "fineweb_train_*.bin"), args.vocab_size, rt.rank,
-                                    rt.world_size, rt.device)
-    x, y = loader.next_batch(local_tokens, args.train_seq_len)
+    x, y = calibration_batch(args, rt)
     evals = 0
 
     @torch.no_grad()
@@ -1061,6 +1208,24 @@ def calibrate_ternary(model: GPT, args: Hyperparameters, rt: Runtime, log: Logge
         f"time:{1000.0 * (time.perf_counter() - t0):.0f}ms")
 
 
+@torch.no_grad()
+def fit_temperature(model: GPT, args: Hyperparameters, rt: Runtime, log: Logger) -> None:
+    """Fit the logit temperature on training tokens (inside the training budget, never on validation):
+    every rank scores the same grid on its share and one all-reduce picks the same T everywhere."""
+    if not args.eval_temperature_fit:
+        return
+    t0 = time.perf_counter()
+    x, y = calibration_batch(args, rt)
+    grid = torch.linspace(0.7, 1.3, 61, device=rt.device)
+    model.logit_temperature.fill_(1.0)
+    with rt.autocast():
+        logits = model(x).float()
+    losses = torch.stack([token_losses(logits / t, y).double().sum() for t in grid])
+    best = float(grid[int(torch.argmin(rt.all_reduce(losses)))])
+    model.logit_temperature.fill_(float(torch.tensor(best).to(torch.float16)))  # as the artifact stores it
+    log(f"temperature_fit T:{float(model.logit_temperature):.4f} time:{1000.0 * (time.perf_counter() - t0):.0f}ms")
+
+
 # Artifact layout (our own format; loading never unpickles or executes anything):
 #   b"SKCG" | version u8 | codec u8 | payload length u32 | crc32 of the compressed payload u32 | payload
 # The decompressed payload is a u32 header length, a JSON header (model config and one record per tensor:
@@ -1071,7 +1236,7 @@ ARTIFACT_CODECS = ("brotli", "lzma", "zlib")
 # Settings that shape the model; the artifact carries them so a loader rebuilds the same network.
 MODEL_SETTINGS = ("NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "MLP_ACT", "EMBED_DIM",
                   "TIE_EMBEDDINGS", "ROPE_BASE", "ROPE_DIMS", "QK_NORM", "LOGIT_SOFTCAP", "SOFTCAP_TYPE", "WEIGHT_QUANT",
-                  "TERNARY_GROUP_SIZE", "TERNARY_SCALE_FORMAT", "FP_STORAGE_SIM", "TURBO_QUANT_TRAIN")
+                  "TERNARY_GROUP_SIZE", "TERNARY_SCALE_FORMAT", "FP_STORAGE_SIM", "TURBO_QUANT_TRAIN", "EVAL_TEMPERATURE_FIT")
 CLIP_RATIOS = (1.0, 0.995, 0.99, 0.98, 0.96, 0.93, 0.9, 0.85, 0.8)
 INT8_FP16_MAX_NUMEL = 65536  # the baseline keeps tensors this small in fp16
 
@@ -1396,6 +1561,11 @@ def account_artifact(result: ExportResult, code_bytes: int, args: Hyperparameter
 # -----------------------------------------------------------------------------
 # Evaluation
 # -----------------------------------------------------------------------------
+# The validation stream v[0..N] has N targets: target t is v[t], predicted from v[0..t-1]. Every mode
+# scores each target exactly once, through one function (score_windows), with a full normalised softmax.
+# The legality rules this code keeps (and tests/test_eval_legality.py proves): the prediction of target t
+# depends only on the artifact and v[0..t-1]; a target is scored before any update (TTT step, EvalEngram
+# count) that uses it; each target is scored once; no state crosses a BOS where it must reset.
 class EvalTotals(NamedTuple):
     loss_nats: float  # sum of per-target cross-entropy, float64
     targets: int
@@ -1410,34 +1580,260 @@ class EvalTotals(NamedTuple):
         return self.loss_nats / math.log(2.0) / self.bytes
 
 
-def reduce_totals(loss_nats: Tensor, targets: Tensor, nbytes: Tensor, rt: Runtime) -> EvalTotals:
-    packed = rt.all_reduce(torch.stack((loss_nats.double(), targets.double(), nbytes.double())))
+class Window(NamedTuple):
+    start: int  # inputs v[start:start+L] predict targets start+1 .. start+L
+    first: int  # scored targets are first .. end-1
+    end: int
+
+
+def plan_windows(lo: int, hi: int, num_targets: int, seq_len: int, stride: int) -> list[Window]:
+    """Windows of seq_len inputs that score targets lo..hi-1 once each, `stride` new targets a window, each with
+    at least seq_len - stride tokens of context when the stream has them. stride == seq_len is plain chunking."""
+    windows, pos = [], lo
+    while pos < hi:
+        start = max(0, min(pos - 1 - (seq_len - stride), num_targets - seq_len))
+        end = min(start + seq_len + 1, hi)
+        windows.append(Window(start, pos, end))
+        pos = end
+    return windows
+
+
+class EvalEngram:
+    """N-gram memory of the validation stream, built only from tokens already scored.
+
+    Counts of (context, next token) are absorbed after a chunk is scored. At scoring time the Laplace-smoothed
+    n-gram distribution is added in log space to the model's log-probabilities, weighted by a gate that opens
+    with the model's entropy, and the result is renormalised (a full softmax). Contexts never reach past the
+    most recent BOS: tokens of an earlier document become a padding id.
+    """
+
+    def __init__(self, args: Hyperparameters, vocab_size: int, device: torch.device):
+        self.order, self.vocab_size = args.eval_engram_order, vocab_size
+        self.buckets = vocab_size + 1 if self.order == 2 else args.eval_engram_buckets
+        self.alpha, self.weight, self.center = args.eval_engram_alpha, args.eval_engram_weight, args.eval_engram_center
+        self.counts = torch.zeros(self.buckets, vocab_size, device=device)
+        self.totals = torch.zeros(self.buckets, device=device)
+
+    def context_keys(self, val: Tensor, last_bos: Tensor, targets: Tensor) -> Tensor:
+        key = torch.zeros_like(targets)
+        for back in range(1, self.order):
+            pos = targets - back
+            token = torch.where((pos >= 0) & (pos >= last_bos[(targets - 1).clamp_min(0)]), val[pos.clamp_min(0)],
+                                torch.full_like(targets, self.vocab_size))
+            key = key * (self.vocab_size + 1) + token
+        return key % self.buckets
+
+    def absorb(self, val: Tensor, last_bos: Tensor, targets: Tensor) -> None:
+        keys = self.context_keys(val, last_bos, targets)
+        self.counts.index_put_((keys, val[targets]), torch.ones_like(keys, dtype=torch.float32), accumulate=True)
+        self.totals.index_add_(0, keys, torch.ones_like(keys, dtype=torch.float32))
+
+    def mix(self, logp: Tensor, val: Tensor, last_bos: Tensor, targets: Tensor) -> Tensor:
+        keys = self.context_keys(val, last_bos, targets)
+        logq = torch.log((self.counts[keys] + self.alpha) / (self.totals[keys] + self.alpha * self.vocab_size).unsqueeze(-1))
+        entropy = -(logp.exp() * logp).sum(-1, keepdim=True)
+        gate = self.weight * torch.sigmoid(entropy - self.center)
+        return torch.log_softmax(logp + gate * logq, dim=-1)
+
+
+class StreamContext(NamedTuple):
+    """The validation stream on the device, with what every scoring pass needs beside the model."""
+    val: Tensor  # int64 [N+1]
+    last_bos: Tensor  # index of the most recent BOS at or before each position (-1 before the first)
+    tables: ByteTables
+    seq_len: int
+    batch_windows: int
+
+    @property
+    def num_targets(self) -> int:
+        return self.val.numel() - 1
+
+
+def stream_context(val_tokens: np.ndarray, tables: ByteTables, seq_len: int, batch_tokens: int, rt: Runtime) -> StreamContext:
+    val = torch.from_numpy(val_tokens.astype(np.int64)).to(rt.device)
+    positions = torch.arange(val.numel(), device=rt.device)
+    last_bos = torch.cummax(torch.where(val == BOS_ID, positions, torch.full_like(positions, -1)), dim=0).values
+    return StreamContext(val, last_bos, tables, seq_len, max(1, batch_tokens // (rt.world_size * seq_len)))
+
+
+@torch.no_grad()
+def score_windows(model: GPT, ctx: StreamContext, windows: list[Window], rt: Runtime, engram: EvalEngram | None = None,
+                  observer=None) -> Tensor:
+    """Per-target losses (nats, float32) of the windows' scored targets, in target order.
+    observer(targets, log_probs), when given, sees every scored row's full log-distribution."""
+    losses = []
+    for i in range(0, len(windows), ctx.batch_windows):
+        group = windows[i:i + ctx.batch_windows]
+        x = torch.stack([ctx.val[w.start:w.start + ctx.seq_len] for w in group])
+        with rt.autocast():
+            hidden = model.hidden_states(x)
+        rows = torch.cat([hidden[j, w.first - w.start - 1:w.end - w.start - 1] for j, w in enumerate(group)])
+        targets = torch.cat([torch.arange(w.first, w.end, device=rt.device) for w in group])
+        with rt.autocast():
+            logp = torch.log_softmax(model.logits(rows).float(), dim=-1)
+        if engram is not None:
+            logp = engram.mix(logp, ctx.val, ctx.last_bos, targets)
+        if observer is not None:
+            observer(targets, logp)
+        losses.append(-logp.gather(-1, ctx.val[targets].unsqueeze(-1)).squeeze(-1))
+    return torch.cat(losses) if losses else torch.zeros(0, device=rt.device)
+
+
+class ScoredTargets(NamedTuple):
+    """What a rank scored: target indices, their losses and byte counts."""
+    targets: Tensor
+    losses: Tensor
+    nbytes: Tensor
+
+
+def scored(ctx: StreamContext, lo: int, hi: int, losses: Tensor) -> ScoredTargets:
+    targets = torch.arange(lo, hi, device=ctx.val.device)
+    return ScoredTargets(targets, losses, ctx.tables.target_bytes(ctx.val[targets - 1], ctx.val[targets]))
+
+
+def evaluate_windows(model: GPT, ctx: StreamContext, stride: int, rt: Runtime, observer=None) -> ScoredTargets:
+    """Plain (stride == seq_len) or sliding-window scoring. The global window list is fixed first and then cut
+    into contiguous shares, so the windows, and the score, do not depend on the world or batch size."""
+    windows = plan_windows(1, ctx.num_targets + 1, ctx.num_targets, ctx.seq_len, stride)
+    mine = windows[len(windows) * rt.rank // rt.world_size:len(windows) * (rt.rank + 1) // rt.world_size]
+    was_training = model.training
+    model.eval()
+    losses = score_windows(model, ctx, mine, rt, observer=observer)
+    model.train(was_training)
+    lo, hi = (mine[0].first, mine[-1].end) if mine else (1, 1)
+    return scored(ctx, lo, hi, losses)
+
+
+# Parameters that TTT must never move (packed hash tables are part of the artifact's compressed memory).
+TTT_FROZEN_PATTERNS = ("engram",)
+
+
+def ttt_parameters(model: GPT, scope: str) -> list[nn.Parameter]:
+    """The parameters test-time training updates: control scalars only, or every float parameter."""
+    chosen = []
+    for name, p in model.named_parameters():
+        if any(pattern in name for pattern in TTT_FROZEN_PATTERNS):
+            continue
+        if scope == "all" or classify_parameter(name, p) == "scalar":
+            chosen.append(p)
+    return chosen
+
+
+def ttt_train_on_chunk(model: GPT, ctx: StreamContext, lo: int, hi: int, optimizer: torch.optim.Optimizer,
+                       params: list[nn.Parameter], args: Hyperparameters, rt: Runtime, events: list | None) -> None:
+    """Learn from the already-scored targets lo..hi-1: sequences whose every target lies at or before hi-1."""
+    starts = list(range(max(0, lo - 1), hi - 1 - ctx.seq_len + 1, ctx.seq_len))
+    if hi - 1 - ctx.seq_len >= 0 and (not starts or starts[-1] != hi - 1 - ctx.seq_len):
+        starts.append(hi - 1 - ctx.seq_len)  # the chunk's tail, overlapping the previous sequence
+    if not starts:
+        return
+    if events is not None:
+        events.append(("train", lo, hi, min(starts) + 1, max(starts) + ctx.seq_len))
+    model.train()
+    for _ in range(args.ttt_epochs):
+        for i in range(0, len(starts), ctx.batch_windows):
+            batch = starts[i:i + ctx.batch_windows]
+            x = torch.stack([ctx.val[s:s + ctx.seq_len] for s in batch])
+            y = torch.stack([ctx.val[s + 1:s + ctx.seq_len + 1] for s in batch])
+            with rt.autocast():
+                loss = token_losses(model(x), y).mean()
+            loss.backward()
+            if args.ttt_grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, args.ttt_grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    model.eval()
+
+
+def evaluate_streaming(model: GPT, ctx: StreamContext, args: Hyperparameters, rt: Runtime, ttt: bool,
+                       engram: bool, observer=None, events: list | None = None) -> ScoredTargets:
+    """Score-first evaluation in chunks of EVAL_CHUNK_TOKENS targets: score a chunk with the current state,
+    then let the chunk update the state (EvalEngram counts, TTT step), then move on. Each rank owns a
+    contiguous run of chunks and starts from the artifact's weights; no gradient crosses ranks, since it
+    would carry other ranks' unscored future."""
+    stride = args.sliding_eval_stride or ctx.seq_len
+    bounds = list(range(1, ctx.num_targets + 1, args.eval_chunk_tokens)) + [ctx.num_targets + 1]
+    chunks = list(zip(bounds[:-1], bounds[1:]))
+    mine = chunks[len(chunks) * rt.rank // rt.world_size:len(chunks) * (rt.rank + 1) // rt.world_size]
+    if ttt:
+        model = copy.deepcopy(model)
+        params = ttt_parameters(model, args.ttt_scope)
+        trainable = {id(p) for p in params}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in trainable)
+        optimizer = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
+        frozen = {n: p.detach().clone() for n, p in model.named_parameters()
+                  if any(pattern in n for pattern in TTT_FROZEN_PATTERNS)}
+    memory = EvalEngram(args, model.tok_emb.num_embeddings, rt.device) if engram else None
+    model.eval()
+    losses = []
+    for lo, hi in mine:
+        if events is not None:
+            events.append(("score", lo, hi))
+        losses.append(score_windows(model, ctx, plan_windows(lo, hi, ctx.num_targets, ctx.seq_len, stride), rt,
+                                    memory, observer))
+        if memory is not None:
+            memory.absorb(ctx.val, ctx.last_bos, torch.arange(lo, hi, device=rt.device))
+        if ttt and (lo, hi) != chunks[-1]:
+            ttt_train_on_chunk(model, ctx, lo, hi, optimizer, params, args, rt, events)
+    if ttt:
+        for name, p in model.named_parameters():
+            if name in frozen and not torch.equal(p, frozen[name]):
+                raise RuntimeError(f"TTT moved frozen parameter {name}")
+    lo, hi = (mine[0][0], mine[-1][1]) if mine else (1, 1)
+    return scored(ctx, lo, hi, torch.cat(losses) if losses else torch.zeros(0, device=rt.device))
+
+
+def reduce_scored(part: ScoredTargets, rt: Runtime) -> EvalTotals:
+    packed = torch.stack((part.losses.double().sum(), torch.tensor(float(part.targets.numel()), device=rt.device,
+                          dtype=torch.float64), part.nbytes.double().sum()))
+    packed = rt.all_reduce(packed)
     return EvalTotals(float(packed[0]), int(packed[1]), int(packed[2]))
 
 
-@torch.inference_mode()
-def evaluate_chunked(model: GPT, val_tokens: np.ndarray, seq_len: int, batch_tokens: int, tables: ByteTables,
-                     rt: Runtime) -> EvalTotals:
-    """Score the validation stream as consecutive non-overlapping sequences; each rank takes a contiguous share."""
-    num_seqs = (val_tokens.size - 1) // seq_len
-    first, last = num_seqs * rt.rank // rt.world_size, num_seqs * (rt.rank + 1) // rt.world_size
-    batch_seqs = max(1, batch_tokens // (rt.world_size * seq_len))
-    loss_nats = torch.zeros((), device=rt.device, dtype=torch.float64)
-    targets = torch.zeros((), device=rt.device, dtype=torch.float64)
-    nbytes = torch.zeros((), device=rt.device, dtype=torch.float64)
-    was_training = model.training
-    model.eval()
-    for s in range(first, last, batch_seqs):
-        e = min(s + batch_seqs, last)
-        chunk = torch.from_numpy(val_tokens[s * seq_len:e * seq_len + 1].astype(np.int64)).to(rt.device)
-        x, y = chunk[:-1].view(-1, seq_len), chunk[1:].view(-1, seq_len)
+def dump_token_losses(path: str, part: ScoredTargets, rt: Runtime) -> None:
+    """Write every target's loss (nats) and bytes, in validation order, to an .npz (rank 0 gathers)."""
+    local = (part.targets.cpu().numpy(), part.losses.float().cpu().numpy(), part.nbytes.cpu().numpy())
+    gathered = [None] * rt.world_size if rt.distributed else [local]
+    if rt.distributed:
+        dist.all_gather_object(gathered, local)
+    if rt.is_main:
+        targets, losses, nbytes = (np.concatenate(parts) for parts in zip(*gathered))
+        order = np.argsort(targets, kind="stable")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, targets=targets[order], loss_nats=losses[order], bytes=nbytes[order].astype(np.int32))
+    rt.barrier()
+
+
+def warm_up_eval(model: GPT, ctx: StreamContext, args: Hyperparameters, rt: Runtime) -> None:
+    """Run the eval graphs once on synthetic tokens (never validation tokens): a forward, and for TTT a
+    backward whose gradients are dropped. No optimizer steps, so the weights are unchanged."""
+    synthetic = torch.randint(0, model.tok_emb.num_embeddings, (min(ctx.batch_windows, 2), ctx.seq_len),
+                              generator=torch.Generator().manual_seed(0)).to(rt.device)
+    with torch.no_grad(), rt.autocast():
+        model(synthetic)
+    if args.ttt_enabled:
         with rt.autocast():
-            losses = token_losses(model(x), y)
-        loss_nats += losses.double().sum()
-        targets += y.numel()
-        nbytes += tables.target_bytes(x, y).double().sum()
-    model.train(was_training)
-    return reduce_totals(loss_nats, targets, nbytes, rt)
+            token_losses(model(synthetic), synthetic).mean().backward()
+        model.zero_grad(set_to_none=True)
+
+
+def eval_modes(args: Hyperparameters) -> list[tuple[str, dict]]:
+    """(log key, options) of each evaluation the flags ask for, after the plain round trip."""
+    modes = []
+    if args.sliding_eval_stride:
+        modes.append(("final_sliding_window", dict(kind="windows", stride=args.sliding_eval_stride)))
+    if args.eval_engram or args.ttt_enabled:
+        name = "_".join(part for part, on in (("ttt", args.ttt_enabled), ("eval_engram", args.eval_engram)) if on)
+        modes.append((f"final_{name}", dict(kind="streaming", ttt=args.ttt_enabled, engram=args.eval_engram)))
+    return modes
+
+
+def run_eval_mode(model: GPT, ctx: StreamContext, options: dict, args: Hyperparameters, rt: Runtime,
+                  observer=None, events: list | None = None) -> ScoredTargets:
+    if options["kind"] == "windows":
+        return evaluate_windows(model, ctx, options["stride"], rt, observer)
+    return evaluate_streaming(model, ctx, args, rt, options["ttt"], options["engram"], observer, events)
 
 
 # -----------------------------------------------------------------------------
@@ -1462,13 +1858,6 @@ def environment_lines(rt: Runtime) -> list[str]:
     return lines
 
 
-def peak_memory_mib(rt: Runtime) -> float:
-    if rt.device.type == "cuda":
-        return torch.cuda.max_memory_allocated(rt.device) / 2**20
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def resolve_run_id(args: Hyperparameters, rt: Runtime) -> str:
     """RUN_ID, or one generated on rank 0 and shared, so every rank names the same files."""
     run_id = [args.run_id or time.strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6]]
@@ -1477,112 +1866,12 @@ def resolve_run_id(args: Hyperparameters, rt: Runtime) -> str:
     return run_id[0]
 
 
-def use_compile(args: Hyperparameters, rt: Runtime) -> bool:
-    return args.model_compile == "1" or (args.model_compile == "auto" and rt.device.type == "cuda")
-
-
-def train(args: Hyperparameters, rt: Runtime, log: Logger, model: GPT, tables: ByteTables,
-          val_tokens: np.ndarray) -> dict[str, float]:
-    """Warm-up, then the timed step loop; returns the training summary. Stops on every rank at the same step."""
-    compiled = torch.compile(model, dynamic=False) if use_compile(args, rt) else model
-    if rt.distributed:
-        from torch.nn.parallel import DistributedDataParallel
-        compiled = DistributedDataParallel(compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
-                                           broadcast_buffers=False)
-    optimizers, groups = build_optimizers(model, args, fused=rt.device.type == "cuda")
-    for kind, names in groups.items():
-        log(f"param_group:{kind} tensors:{len(names)} params:{sum(dict(model.named_parameters())[n].numel() for n in names)}")
-    accum, micro_tokens = grad_accum_steps(args, rt.world_size)
-    log(f"grad_accum_steps:{accum} micro_batch_tokens_per_rank:{micro_tokens}")
-    train_pattern = os.path.join(args.data_path, "fineweb_train_*.bin")
-
-    def zero_grads() -> None:
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-
-    if args.warmup_steps:  # compile and allocator warm-up on training tokens; the weights are restored after
-        initial_model = copy.deepcopy(model.state_dict())
-        initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-        warm_loader = DistributedTokenLoader(train_pattern, model.tok_emb.num_embeddings, rt.rank, rt.world_size, rt.device)
-        for warm_step in range(args.warmup_steps):
-            train_step(compiled, warm_loader, args, rt, accum, micro_tokens)
-            for opt in optimizers:
-                opt.step()
-            zero_grads()
-        model.load_state_dict(initial_model)
-        for opt, state in zip(optimizers, initial_opts):
-            opt.load_state_dict(state)
-        log(f"warmup_steps:{args.warmup_steps} done (weights and optimizer state restored)")
-
-    loader = DistributedTokenLoader(train_pattern, model.tok_emb.num_embeddings, rt.rank, rt.world_size, rt.device)
-    ema = None
-    max_ms = 1000.0 * training_seconds(args)
-    if args.max_wallclock_seconds > 0 and max_ms <= 0:
-        raise ConfigError(f"CALIB_MAX_SECONDS={args.calib_max_seconds} leaves no training time in "
-                          f"MAX_WALLCLOCK_SECONDS={args.max_wallclock_seconds}")
-    tokens_per_step = args.train_batch_tokens
-    train_ms, step, last_loss = 0.0, 0, float("nan")
-    if rt.device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    while True:
-        last_step = step == args.iterations
-        if last_step or (args.val_loss_every and step % args.val_loss_every == 0 and step > 0):
-            if rt.device.type == "cuda":
-                torch.cuda.synchronize()
-            train_ms += 1000.0 * (time.perf_counter() - t0)
-            totals = evaluate_chunked(model, val_tokens, args.train_seq_len, args.val_batch_size, tables, rt)
-            log(f"step:{step}/{args.iterations} val_loss:{totals.val_loss:.4f} val_bpb:{totals.val_bpb:.4f} "
-                f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
-            t0 = time.perf_counter()
-        if last_step:
-            break
-        elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
-        scale = lr_scale(step, elapsed_ms, args)
-        apply_schedules(optimizers, args, step, scale)
-        loss = train_step(compiled, loader, args, rt, accum, micro_tokens)
-        if args.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_norm)
-        for opt in optimizers:
-            opt.step()
-        zero_grads()
-        step += 1
-        if args.ema_decay > 0:
-            if ema is None and training_progress(step, elapsed_ms, args) >= args.ema_start_frac:
-                ema = WeightEMA(model, args.ema_decay)
-            elif ema is not None:
-                ema.update(model)
-        # One all-reduce decides for every rank: stop on time, or stop on a non-finite loss.
-        elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
-        flags = torch.stack((torch.tensor(float(max_ms > 0 and elapsed_ms >= max_ms), device=rt.device),
-                             (~torch.isfinite(loss)).float()))
-        flags = rt.all_reduce(flags, op=dist.ReduceOp.MAX).tolist()
-        if flags[1]:
-            raise FloatingPointError(f"non-finite training loss at step {step}; last finite train_loss:{last_loss:.4f} "
-                                     f"lr_scale:{scale:.3f}; lower the learning rates or enable GRAD_CLIP_NORM")
-        last_loss = float(loss)
-        if step % args.train_log_every == 0 or step == 1:
-            log(f"step:{step}/{args.iterations} train_loss:{last_loss:.4f} lr_scale:{scale:.3f} "
-                f"tok_s:{step * tokens_per_step / (elapsed_ms / 1000.0):.0f} train_time:{elapsed_ms:.0f}ms "
-                f"step_avg:{elapsed_ms / step:.2f}ms remaining:{max(max_ms - elapsed_ms, 0.0) / 1000.0:.0f}s")
-        if flags[0]:
-            args.iterations = step  # the cap ends training here, on every rank; the next pass validates
-    train_tok_s = step * tokens_per_step / max(train_ms / 1000.0, 1e-9)
-    log(f"train_done steps:{step} train_time:{train_ms:.0f}ms tok_s:{train_tok_s:.0f}")
-    log(f"peak_mem_mib:{peak_memory_mib(rt):.0f}")
-    if ema is not None:
-        ema.copy_to(model)
-        log(f"ema: applied decay {args.ema_decay} weights")
-    return {"steps": step, "train_ms": train_ms, "tok_s": train_tok_s}
-
-
 def export_name(args: Hyperparameters) -> str:
     return "int8_zlib" if args.export_format == "int8_zlib" else f"ternary_{resolve_codec(args)}"
 
 
-def export_and_reload(model: GPT, args: Hyperparameters, rt: Runtime, log: Logger):
-    """Rank 0 writes the artifact; after a barrier every rank reads the file back. Returns a loader for the
-    fresh model, so the round-trip evaluation's time includes reading and decoding the artifact."""
+def export_and_reload(model: GPT, args: Hyperparameters, rt: Runtime, log: Logger) -> Path:
+    """Rank 0 writes the artifact and reports its bytes; the barrier lets every rank read the file after."""
     path = Path(args.artifact_dir or args.log_dir) / f"{args.run_id}_model.skc"
     if rt.is_main:
         t0 = time.perf_counter()
@@ -1595,22 +1884,27 @@ def export_and_reload(model: GPT, args: Hyperparameters, rt: Runtime, log: Logge
             log(line)
         account_artifact(result, Path(__file__).stat().st_size, args, log)
     rt.barrier()
-
-    def reload() -> GPT:
-        loaded = load_artifact(path.read_bytes(), str(path), args).to(rt.device)
-        loaded.set_attention_backend(*select_attention_backend(args.attn_backend, rt.device))
-        return loaded
-    return reload
+    return path
 
 
-def log_eval(log: Logger, key: str, val_tokens: np.ndarray, tables: ByteTables, rt: Runtime, get_model,
-             args: Hyperparameters) -> EvalTotals:
-    """Evaluate and print the official pair of lines; the time includes getting the model (decompression)."""
+def log_eval(log: Logger, key: str, score, rt: Runtime, args: Hyperparameters, overhead_ms: float = 0.0) -> EvalTotals:
+    """Run one evaluation and print the official pair of lines. eval_time includes overhead_ms (reading and
+    decoding the artifact, warm-up); a mode over EVAL_MAX_SECONDS is flagged, and fails a submission run."""
     t0 = time.perf_counter()
-    totals = evaluate_chunked(get_model(), val_tokens, args.train_seq_len, args.val_batch_size, tables, rt)
-    log(f"{key} val_loss:{totals.val_loss:.4f} val_bpb:{totals.val_bpb:.4f} "
-        f"eval_time:{1000.0 * (time.perf_counter() - t0):.0f}ms")
+    part = score()
+    totals = reduce_scored(part, rt)
+    elapsed_ms = rt.all_reduce(torch.tensor(overhead_ms + 1000.0 * (time.perf_counter() - t0), device=rt.device,
+                                            dtype=torch.float64), op=dist.ReduceOp.MAX).item()
+    log(f"{key} val_loss:{totals.val_loss:.4f} val_bpb:{totals.val_bpb:.4f} eval_time:{elapsed_ms:.0f}ms")
     log(f"{key}_exact val_loss:{totals.val_loss:.8f} val_bpb:{totals.val_bpb:.8f}")
+    if args.eval_dump_token_losses:
+        dump = Path(args.eval_dump_token_losses)
+        dump_token_losses(str(dump.with_name(f"{dump.stem}_{key}.npz")), part, rt)
+    if elapsed_ms > 1000.0 * args.eval_max_seconds:
+        message = f"{key} took {elapsed_ms / 1000.0:.1f}s, over EVAL_MAX_SECONDS={args.eval_max_seconds}"
+        log("WARNING: EVAL OVER BUDGET: " + message)
+        if args.submission_mode:
+            raise RuntimeError(message)
     return totals
 
 
@@ -1642,16 +1936,38 @@ def main(environ: dict[str, str] | None = None) -> None:
     if args.val_max_tokens:
         log(f"WARNING: PARTIAL VALIDATION: VAL_MAX_TOKENS={args.val_max_tokens} scores {val_tokens.size - 1} tokens; "
             "val_bpb below is not the competition figure")
-    model = GPT(args, vocab_size).to(rt.device)
     backend, flash_fn = select_attention_backend(args.attn_backend, rt.device)
-    model.set_attention_backend(backend, flash_fn)
     log(f"attn_backend:{backend}")
-    log("params " + " ".join(f"{k}:{v}" for k, v in count_parameters(model).items()))
-    train(args, rt, log, model, tables, val_tokens)
-    calibrate_ternary(model, args, rt, log)
-    log_eval(log, "final_prequant", val_tokens, tables, rt, lambda: model, args)
-    roundtrip = export_and_reload(model, args, rt, log)
-    log_eval(log, f"final_{export_name(args)}_roundtrip", val_tokens, tables, rt, roundtrip, args)
+    train_ctx = stream_context(val_tokens, tables, args.train_seq_len, args.val_batch_size, rt)
+    eval_ctx = train_ctx if args.eval_len == args.train_seq_len else stream_context(
+        val_tokens, tables, args.eval_len, args.val_batch_size, rt)
+    if args.eval_artifact:
+        path = Path(args.eval_artifact)
+        log(f"eval_artifact:{path} (no training)")
+    else:
+        model = GPT(args, vocab_size).to(rt.device)
+        model.set_attention_backend(backend, flash_fn)
+        log("params " + " ".join(f"{k}:{v}" for k, v in count_parameters(model).items()))
+        summary = train(args, rt, log, model, train_ctx)
+        t0 = time.perf_counter()
+        calibrate_ternary(model, args, rt, log)
+        fit_temperature(model, args, rt, log)
+        if post_training_fits(args):
+            fit_ms = 1000.0 * (time.perf_counter() - t0)
+            log(f"post_training_time:{fit_ms:.0f}ms total_training_time:{summary['train_ms'] + fit_ms:.0f}ms "
+                f"of MAX_WALLCLOCK_SECONDS={args.max_wallclock_seconds}")
+        log_eval(log, "final_prequant", lambda: evaluate_windows(model, eval_ctx, args.eval_len, rt), rt, args)
+        path = export_and_reload(model, args, rt, log)
+    t0 = time.perf_counter()
+    loaded = load_artifact(path.read_bytes(), str(path), args).to(rt.device)
+    loaded.set_attention_backend(backend, flash_fn)
+    warm_up_eval(loaded, eval_ctx, args, rt)
+    load_ms = 1000.0 * (time.perf_counter() - t0)
+    log(f"artifact_load_and_warmup_time:{load_ms:.0f}ms")
+    log_eval(log, f"final_{export_name(args)}_roundtrip", lambda: evaluate_windows(loaded, eval_ctx, args.eval_len, rt),
+             rt, args, load_ms)
+    for key, options in eval_modes(args):
+        log_eval(log, key, lambda: run_eval_mode(loaded, eval_ctx, options, args, rt), rt, args, load_ms)
     if rt.distributed:
         dist.destroy_process_group()
 

@@ -1,0 +1,254 @@
+"""Legality proofs for every evaluation mode, as the challenge's reviewers state the rules:
+(C1) the prediction of target t depends only on the artifact and the tokens before t; (C2) it is a full
+normalised softmax; (C3) a target is scored before any update that uses it; (C4) each target is scored
+exactly once. Plus document boundaries, byte counts, warm-up hygiene and batch/world-size invariance."""
+import hashlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt
+from tiny_lm import REPO_ROOT_FOR_TESTS, subprocess_env, tiny_data  # noqa: F401
+
+VOCAB, SEQ_LEN, NUM_TARGETS = 64, 16, 150
+CPU = train_gpt.Runtime(0, 1, 0, torch.device("cpu"), False)
+
+# Every evaluation mode, as (name, eval settings, run_eval_mode options).
+MODES = {
+    "chunked": ({}, dict(kind="windows", stride=SEQ_LEN)),
+    "sliding": ({}, dict(kind="windows", stride=5)),
+    "ttt_scalars": ({"TTT_ENABLED": 1, "TTT_SCOPE": "scalars"}, dict(kind="streaming", ttt=True, engram=False)),
+    "ttt_all": ({"TTT_ENABLED": 1, "TTT_SCOPE": "all", "TTT_LR": 0.05}, dict(kind="streaming", ttt=True, engram=False)),
+    "eval_engram": ({"EVAL_ENGRAM": 1, "EVAL_ENGRAM_ORDER": 3}, dict(kind="streaming", ttt=False, engram=True)),
+    "ttt_eval_engram": ({"TTT_ENABLED": 1, "TTT_SCOPE": "all", "EVAL_ENGRAM": 1, "SLIDING_EVAL_STRIDE": 6},
+                        dict(kind="streaming", ttt=True, engram=True)),
+}
+# Every setting that changes the forward pass.
+MODEL_FLAGS = {
+    "base": {},
+    "factored_embedding": {"EMBED_DIM": 16},
+    "turbo_quant": {"TURBO_QUANT_TRAIN": 1},
+    "temperature": {"EVAL_TEMPERATURE_FIT": 1},
+    "partial_rope_leaky": {"ROPE_DIMS": 4, "MLP_ACT": "leaky_relu2", "SOFTCAP_TYPE": "poly"},
+    "full_precision": {"WEIGHT_QUANT": "none"},
+}
+
+
+def make_args(**overrides):
+    env = dict(NUM_LAYERS=2, MODEL_DIM=32, NUM_HEADS=2, NUM_KV_HEADS=1, MLP_MULT=2, TERNARY_GROUP_SIZE=16,
+               TRAIN_SEQ_LEN=SEQ_LEN, EVAL_CHUNK_TOKENS=40, VAL_BATCH_SIZE=4 * SEQ_LEN)
+    env.update(overrides)
+    args = train_gpt.Hyperparameters({k: str(v) for k, v in env.items()})
+    args.vocab_size = VOCAB
+    return args
+
+
+def make_model(args, seed=0):
+    torch.manual_seed(seed)
+    model = train_gpt.GPT(args, VOCAB)
+    for p in model.parameters():
+        p.data.add_(torch.randn_like(p) * 0.1)
+    if model.logit_temperature is not None:
+        model.logit_temperature.fill_(0.8)
+    return model
+
+
+def make_stream(seed=0):
+    """NUM_TARGETS + 1 tokens in documents of varying length, each starting with BOS."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(4, VOCAB, size=NUM_TARGETS + 1)
+    tokens[[0, 23, 24, 61, 100, 131]] = train_gpt.BOS_ID
+    return tokens.astype(np.uint16)
+
+
+def uniform_tables():
+    ones = torch.ones(VOCAB, dtype=torch.int16)
+    return train_gpt.ByteTables(ones, torch.zeros(VOCAB, dtype=torch.bool), torch.zeros(VOCAB, dtype=torch.bool))
+
+
+def distributions(model, tokens, mode, args, events=None):
+    """{target: full log-distribution} for every scored target, and the mode's ScoredTargets."""
+    ctx = train_gpt.stream_context(tokens, uniform_tables(), args.eval_len, args.val_batch_size, CPU)
+    rows = {}
+
+    def observer(targets, logp):
+        for t, row in zip(targets.tolist(), logp):
+            assert t not in rows, f"target {t} scored twice"
+            rows[t] = row.clone()
+    part = train_gpt.run_eval_mode(model, ctx, MODES[mode][1], args, CPU, observer=observer, events=events)
+    return rows, part
+
+
+COMBINATIONS = [(mode, flag) for mode in MODES for flag in MODEL_FLAGS]
+
+
+@pytest.mark.parametrize("mode, flag", COMBINATIONS)
+def test_c1_prediction_depends_only_on_earlier_tokens(mode, flag):
+    args = make_args(**MODES[mode][0], **MODEL_FLAGS[flag])
+    model = make_model(args)
+    tokens = make_stream()
+    before, _ = distributions(model, tokens, mode, args)
+    for t in (7, 45, 90):
+        changed = tokens.copy()
+        changed[t] = (int(tokens[t]) + 7) % (VOCAB - 4) + 4
+        after, _ = distributions(model, changed, mode, args)
+        for target in range(1, t + 1):
+            assert torch.equal(before[target], after[target]), f"target {target} saw token {t}"
+        assert not torch.equal(before[t + 1], after[t + 1]), "the perturbation must reach the next prediction"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_c2_every_prediction_is_a_normalised_distribution(mode):
+    args = make_args(**MODES[mode][0], EVAL_TEMPERATURE_FIT=1, SOFTCAP_TYPE="poly")
+    rows, _ = distributions(make_model(args), make_stream(), mode, args)
+    sample = np.random.default_rng(0).choice(sorted(rows), size=40, replace=False)
+    for target in sample:
+        assert abs(float(rows[int(target)].double().exp().sum()) - 1.0) < 1e-5
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_c4_each_target_is_scored_exactly_once(mode):
+    args = make_args(**MODES[mode][0])
+    rows, part = distributions(make_model(args), make_stream(), mode, args)
+    counts = np.bincount(part.targets.numpy(), minlength=NUM_TARGETS + 1)
+    assert counts[0] == 0 and (counts[1:] == 1).all()
+    assert sorted(rows) == list(range(1, NUM_TARGETS + 1))
+    assert part.losses.numel() == NUM_TARGETS
+
+
+@pytest.mark.parametrize("mode", ["ttt_all", "ttt_eval_engram"])
+def test_c3_ttt_trains_only_on_scored_chunks(mode):
+    args = make_args(**MODES[mode][0])
+    events = []
+    distributions(make_model(args), make_stream(), mode, args, events=events)
+    scored_up_to, trained = 1, 0
+    for event in events:
+        if event[0] == "score":
+            _, lo, hi = event
+            assert lo == scored_up_to, "chunks are scored in order, with no gap"
+            scored_up_to = hi
+        else:
+            _, lo, hi, first_target, last_target = event
+            assert hi == scored_up_to, "an update follows the scoring of its own chunk"
+            assert last_target < scored_up_to, "an update uses only targets already scored (chunks <= i)"
+            trained += 1
+    assert trained >= 2 and scored_up_to == NUM_TARGETS + 1
+
+
+def test_ttt_changes_predictions_of_later_chunks_only():
+    args = make_args(**MODES["ttt_all"][0])
+    model = make_model(args)
+    with_ttt, _ = distributions(model, make_stream(), "ttt_all", args)
+    without, _ = distributions(model, make_stream(), "chunked", args)
+    first_chunk = range(1, args.eval_chunk_tokens + 1)
+    assert all(torch.allclose(with_ttt[t], without[t], atol=1e-6) for t in first_chunk)
+    assert any(not torch.allclose(with_ttt[t], without[t], atol=1e-6) for t in range(args.eval_chunk_tokens + 1, 151))
+
+
+# Token-mixing state that must reset at BOS: (name, function of the stream -> per-position state).
+# Later features (smear, EngramHash keys, SKC scan, capsule/Koopman state, convolutions) add themselves here.
+def eval_engram_keys(order):
+    def keys(tokens):
+        args = make_args(EVAL_ENGRAM=1, EVAL_ENGRAM_ORDER=order)
+        ctx = train_gpt.stream_context(tokens, uniform_tables(), SEQ_LEN, 64, CPU)
+        engram = train_gpt.EvalEngram(args, VOCAB, CPU.device)
+        return engram.context_keys(ctx.val, ctx.last_bos, torch.arange(1, ctx.val.numel()))
+    return keys
+
+
+BOS_RESET_STATE = {f"eval_engram_order{n}": eval_engram_keys(n) for n in (2, 3, 4)}
+
+
+@pytest.mark.parametrize("component", BOS_RESET_STATE)
+def test_state_does_not_cross_a_document_boundary(component):
+    tokens = make_stream()
+    bos = np.flatnonzero(tokens == train_gpt.BOS_ID)
+    state = BOS_RESET_STATE[component]
+    for doc_start, next_start in zip(bos[:-1], bos[1:]):
+        changed = tokens.copy()
+        inner = np.arange(doc_start + 1, next_start)
+        changed[inner] = (tokens[inner].astype(int) + 11) % (VOCAB - 4) + 4
+        end = bos[np.searchsorted(bos, next_start) + 1] if next_start != bos[-1] else len(tokens)
+        following = slice(next_start, end - 1)  # targets next_start+1 .. end-1, indexed from target 1
+        assert torch.equal(state(tokens)[following], state(changed)[following]), (component, doc_start)
+
+
+def test_temperature_reaches_the_logits():
+    args = make_args(EVAL_TEMPERATURE_FIT=1)
+    model = make_model(args)
+    losses = []
+    for temperature in (1.0, 0.8):
+        model.logit_temperature.fill_(temperature)
+        _, part = distributions(model, make_stream(), "chunked", args)
+        losses.append(float(part.losses.sum()))
+    assert losses[0] != pytest.approx(losses[1], rel=1e-4)
+
+
+def test_eval_warm_up_never_changes_the_weights():
+    args = make_args(TTT_ENABLED=1)
+    model = make_model(args)
+    ctx = train_gpt.stream_context(make_stream(), uniform_tables(), SEQ_LEN, 64, CPU)
+
+    def digest():
+        return hashlib.sha256(b"".join(t.detach().numpy().tobytes() for t in model.state_dict().values())).hexdigest()
+    before = digest()
+    train_gpt.warm_up_eval(model, ctx, args, CPU)
+    assert digest() == before
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_sliding_scores_do_not_depend_on_the_batch_size():
+    args = make_args()
+    model = make_model(args)
+    results = []
+    for batch_tokens in (SEQ_LEN, 3 * SEQ_LEN, 64 * SEQ_LEN):
+        ctx = train_gpt.stream_context(make_stream(), uniform_tables(), SEQ_LEN, batch_tokens, CPU)
+        results.append(train_gpt.evaluate_windows(model, ctx, 5, CPU).losses)
+    for other in results[1:]:
+        assert torch.allclose(results[0], other, rtol=0, atol=1e-6)
+
+
+def test_dumped_losses_match_the_score_and_count_the_decoded_bytes(tiny_data):
+    env = tiny_data.env(RUN_ID="dump", ITERATIONS=3, SLIDING_EVAL_STRIDE=8,
+                        EVAL_DUMP_TOKEN_LOSSES=str(tiny_data.root / "dump" / "losses.npz"))
+    train_gpt.main(env)
+    log = (tiny_data.root / "logs" / "dump.txt").read_text()
+    stream = train_gpt.read_shard(tiny_data.data_path / "fineweb_val_000000.bin")
+    for key in ("final_prequant", "final_ternary_brotli_roundtrip", "final_sliding_window"):
+        dump = np.load(tiny_data.root / "dump" / f"losses_{key}.npz")
+        assert np.array_equal(dump["targets"], np.arange(1, dump["targets"].size + 1))
+        bpb = float(re.search(rf"^{key}_exact val_loss:\S+ val_bpb:([\d.]+)", log, re.M).group(1))
+        assert dump["loss_nats"].astype(np.float64).sum() / np.log(2) / dump["bytes"].sum() == pytest.approx(bpb, rel=1e-6)
+    bos = np.flatnonzero(stream == train_gpt.BOS_ID)
+    for doc_start, next_start in list(zip(bos[:-1], bos[1:]))[:20]:
+        ids = stream[doc_start + 1:next_start].tolist()
+        counted = dump["bytes"][doc_start:next_start - 1].sum()  # targets doc_start+1 .. next_start-1
+        assert counted == len(tiny_data.sp.decode(ids).encode("utf-8"))
+
+
+def test_sliding_scores_match_across_one_and_two_processes(tiny_data):
+    args = train_gpt.Hyperparameters(tiny_data.env())
+    args.vocab_size = tiny_data.sp.vocab_size()
+    artifact = tiny_data.root / "invariance.skc"
+    artifact.write_bytes(train_gpt.export_model(make_model_for(args), args, train_gpt.Logger(None)).blob)
+    figures = []
+    for nproc in (1, 2):
+        env = subprocess_env(tiny_data.env(RUN_ID=f"inv{nproc}", EVAL_ARTIFACT=str(artifact), SLIDING_EVAL_STRIDE=8))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train_gpt.py"]
+        result = subprocess.run(cmd, cwd=REPO_ROOT_FOR_TESTS, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        log = (tiny_data.root / "logs" / f"inv{nproc}.txt").read_text()
+        figures.append(float(re.search(r"final_sliding_window_exact val_loss:([\d.]+)", log).group(1)))
+    assert figures[0] == pytest.approx(figures[1], rel=1e-7)
+
+
+def make_model_for(args):
+    torch.manual_seed(0)
+    model = train_gpt.GPT(args, args.vocab_size)
+    for p in model.parameters():
+        p.data.add_(torch.randn_like(p) * 0.05)
+    return model
