@@ -423,6 +423,20 @@ def load_tokenizer(path: str):
     return spm.SentencePieceProcessor(model_file=path)
 
 
+def check_tokenizer_spec(args: Hyperparameters, vocab_size: int) -> None:
+    """Where tokenizer_specs.json sits beside this file, a tokenizer or dataset it names must have its vocab size
+    (a 1024-vocab dataset read with an 8192-vocab tokenizer scores garbage without failing)."""
+    specs = Path(__file__).with_name("tokenizer_specs.json")
+    if not specs.is_file():
+        return
+    for spec in json.loads(specs.read_text())["tokenizers"]:
+        for label, value, named in (("TOKENIZER_PATH", Path(args.tokenizer_path).name, spec["tokenizer_filename"]),
+                                    ("DATA_PATH", Path(args.data_path).name, f"fineweb10B_{spec['dataset_suffix']}")):
+            if value == named and spec["vocab_size"] != vocab_size:
+                raise ConfigError(f"{label}={value} is the {spec['name']} variant ({spec['vocab_size']} tokens) but the "
+                                  f"tokenizer has {vocab_size}: point DATA_PATH and TOKENIZER_PATH at the same variant")
+
+
 def load_validation_tokens(pattern: str, seq_len: int, vocab_size: int, max_tokens: int = 0) -> np.ndarray:
     """The validation stream, cut to whole sequences plus one token (as the official script does)."""
     tokens = np.concatenate([read_shard(f) for f in shard_files(pattern)])
@@ -1928,6 +1942,7 @@ def main(environ: dict[str, str] | None = None) -> None:
     vocab_size = int(sp.vocab_size())
     if args.vocab_size and args.vocab_size != vocab_size:
         raise ConfigError(f"VOCAB_SIZE={args.vocab_size} but tokenizer {args.tokenizer_path} has {vocab_size} pieces")
+    check_tokenizer_spec(args, vocab_size)
     args.vocab_size = vocab_size
     tables = build_byte_tables(sp, vocab_size, rt.device)
     val_tokens = load_validation_tokens(os.path.join(args.data_path, "fineweb_val_*.bin"), args.train_seq_len, vocab_size,

@@ -195,3 +195,10 @@ def test_two_processes_match_one_process(tiny_data):
         assert result.returncode == 0, result.stderr[-3000:]
         figures.append(final_figures((tiny_data.root / "logs" / f"ddp{nproc}.txt").read_text(), "final_prequant_exact"))
     assert figures[0]["val_loss"] == pytest.approx(figures[1]["val_loss"], abs=2e-3)
+
+
+def test_a_dataset_variant_read_with_another_tokenizer_is_refused(tiny_data):
+    args = train_gpt.Hyperparameters(tiny_data.env(DATA_PATH="data/datasets/fineweb10B_sp8192"))
+    with pytest.raises(train_gpt.ConfigError, match="sp_bpe_8192"):
+        train_gpt.check_tokenizer_spec(args, tiny_data.sp.vocab_size())
+    train_gpt.check_tokenizer_spec(train_gpt.Hyperparameters(tiny_data.env()), tiny_data.sp.vocab_size())
