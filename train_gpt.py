@@ -1194,7 +1194,10 @@ def calibrate_ternary(model: GPT, args: Hyperparameters, rt: Runtime, log: Logge
         nonlocal evals
         with rt.autocast():
             loss = token_losses(model(x), y).double().mean()
-        out_of_time = time.perf_counter() - t0 >= args.calib_max_seconds
+        elapsed = time.perf_counter() - t0
+        # stop while one more evaluation (and the temperature fit, about one more) still fits the budget
+        next_cost = elapsed / (evals + 1) * (2 if args.eval_temperature_fit else 1)
+        out_of_time = elapsed + next_cost >= args.calib_max_seconds
         packed = rt.all_reduce(torch.stack((loss, torch.tensor(float(out_of_time), device=rt.device, dtype=torch.float64))))
         evals += 1
         return float(packed[0]) / rt.world_size, bool(packed[1] > 0) or evals >= args.calib_max_evals
@@ -1788,7 +1791,7 @@ def evaluate_streaming(model: GPT, ctx: StreamContext, args: Hyperparameters, rt
                                     memory, observer))
         if memory is not None:
             memory.absorb(ctx.val, ctx.last_bos, torch.arange(lo, hi, device=rt.device))
-        if ttt and (lo, hi) != chunks[-1]:
+        if ttt and (lo, hi) != mine[-1]:  # this rank's later chunks are the only ones an update can help
             ttt_train_on_chunk(model, ctx, lo, hi, optimizer, params, args, rt, events)
     if ttt:
         for name, p in model.named_parameters():

@@ -81,7 +81,8 @@ def test_val_bpb_of_a_uniform_model_is_exact(tiny_data):
     stream = document_stream(tiny_data.sp, tiny_data.val_docs)
     rt = train_gpt.Runtime(0, 1, 0, torch.device("cpu"), False)
     tables = train_gpt.build_byte_tables(tiny_data.sp, vocab, rt.device)
-    totals = train_gpt.evaluate_chunked(model, stream, 1, 64, tables, rt)
+    ctx = train_gpt.stream_context(stream, tables, 16, 64 * 16, rt)
+    totals = train_gpt.reduce_scored(train_gpt.evaluate_windows(model, ctx, 16, rt), rt)
     expected_bytes = sum(len(tiny_data.sp.decode(tiny_data.sp.encode(d)).encode("utf-8")) for d in tiny_data.val_docs)
     assert totals.targets == stream.size - 1
     assert totals.bytes == expected_bytes

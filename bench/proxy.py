@@ -1,0 +1,157 @@
+"""The CPU proxy track: our config against the official baseline's, same data, same caps.
+
+    python bench/proxy.py                       # both entries, 10 minutes of training each
+    python bench/proxy.py --quick               # both entries, 2 minutes each (smoke check)
+    python bench/proxy.py --only ours --minutes 5   # the issue-3 benchmark: 5 minutes of 4 x 256
+    python bench/proxy.py --data-only           # build (or reuse) the proxy data and stop
+
+Caps, scaled from the competition to this machine: model bytes <= 2,000,000 (1/8 of
+the 16 MB cap; code bytes reported beside) and a training wall clock of 10 minutes.
+Data: an sp1024 tokenizer trained by data/prepare.py on the training documents of
+../shared/corpus/english_docs_dev.jsonl.gz (the offline stdlib corpus when ../shared
+is absent), validation on its first --val-docs documents; built once into
+bench/out/proxy_data and reused. Prints round-trip val_bpb, tokens/s, steps, model
+and code bytes per entry, then the val_bpb ratio ours / baseline; writes
+bench/out/proxy_<timestamp>.json. Exits non-zero when an entry fails or is over the cap.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import runlog  # noqa: E402
+import trainrun  # noqa: E402
+
+REPO_ROOT = trainrun.REPO_ROOT
+OUT_DIR = REPO_ROOT / "bench" / "out"
+DATA_DIR = OUT_DIR / "proxy_data"
+SHARED_CORPUS = REPO_ROOT.parent / "shared" / "corpus" / "english_docs_dev.jsonl.gz"
+MODEL_BYTES_CAP = 2_000_000
+ENTRIES = {"ours": "configs/cpu_proxy.env", "baseline": "configs/baseline_cpu_proxy.env"}
+BUILD_STAMP = "proxy_build.json"
+
+
+# ----------------------------------------------------------------------------- data
+
+def data_build_command(val_docs: int) -> list[str]:
+    """The data/prepare.py command that builds the proxy data."""
+    command = [sys.executable, "data/prepare.py", "build"]
+    if SHARED_CORPUS.is_file():
+        command += ["--input", str(SHARED_CORPUS)]
+    return command + ["--spec", "sp_bpe_1024", "--out", str(DATA_DIR), "--val-docs", str(val_docs)]
+
+
+def ensure_proxy_data(val_docs: int, rebuild: bool) -> dict:
+    """Build the proxy data unless the same build is already there; returns its manifest."""
+    command = data_build_command(val_docs)
+    stamp = {"command": command[1:]}
+    stamp_path = DATA_DIR / BUILD_STAMP
+    manifest_path = DATA_DIR / "manifest.json"
+    if not rebuild and manifest_path.is_file() and stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
+        print(f"proxy data: reusing {DATA_DIR}")
+    else:
+        print("proxy data: " + " ".join(command[1:]), flush=True)
+        subprocess.run(command, cwd=REPO_ROOT, check=True)
+        stamp_path.write_text(json.dumps(stamp, indent=2) + "\n")
+    return json.loads(manifest_path.read_text())
+
+
+# ----------------------------------------------------------------------------- entries
+
+def run_entry(name: str, data_manifest: dict, seconds: float, stamp: str) -> dict:
+    """Train one entry under the proxy caps; return its final figures."""
+    run_id = f"proxy_{stamp}_{name}"
+    log_path = OUT_DIR / "logs" / f"{run_id}.log"
+    env = trainrun.run_env(REPO_ROOT / ENTRIES[name], {
+        "DATA_PATH": str(DATA_DIR),
+        "TOKENIZER_PATH": data_manifest["tokenizer_path"],
+        "MAX_WALLCLOCK_SECONDS": seconds,
+        "RUN_ID": run_id,
+        "LOG_DIR": str(OUT_DIR / "logs"),
+    })
+    print(f"\n== {name}: {ENTRIES[name]}, {seconds:.0f} s of training, log {log_path}", flush=True)
+    returncode = trainrun.train(env, log_path)
+    figures = runlog.parse_log_file(log_path).summary()
+    figures.update(entry=name, env_file=ENTRIES[name], log=str(log_path), returncode=returncode)
+    figures["problems"] = entry_problems(figures)
+    return figures
+
+
+def entry_problems(figures: dict) -> list[str]:
+    """Why an entry does not count: a failed run, a missing figure, or a model over the byte cap."""
+    problems = []
+    if figures["returncode"] != 0:
+        problems.append(f"train_gpt.py exited with {figures['returncode']} (see {figures['log']})")
+    if figures["val_bpb"] is None:
+        problems.append("no round-trip val_bpb line in the log")
+    if figures["model_bytes"] is None:
+        problems.append("no artifact line in the log")
+    elif figures["model_bytes"] > MODEL_BYTES_CAP:
+        problems.append(f"model is {figures['model_bytes']:,} bytes, over the proxy cap of {MODEL_BYTES_CAP:,}")
+    if figures["partial_validation"]:
+        problems.append("validation was partial (VAL_MAX_TOKENS); the figure is not comparable")
+    return problems
+
+
+# ----------------------------------------------------------------------------- report
+
+def print_report(results: list[dict], ratio: float | None) -> None:
+    fmt = runlog.fmt
+    rows = [[r["entry"], fmt(r["val_bpb"], ".4f"), fmt(r["tok_s"], ",.0f"), fmt(r["steps"], "d"),
+             fmt(r["model_bytes"], ",d"), fmt(r["code_bytes"], ",d")] for r in results]
+    print()
+    print(runlog.text_table(["entry", "val_bpb", "tok/s", "steps", "model bytes", "code bytes"], rows))
+    for r in results:
+        if r["problems"]:
+            print(f"{r['entry']} FAILED: " + "; ".join(r["problems"]))
+    if ratio is not None:
+        print(f"val_bpb ratio ours / baseline: {ratio:.4f}  (< 1: ours is better)")
+
+
+def bpb_ratio(results: list[dict]) -> float | None:
+    by_name = {r["entry"]: r for r in results if not r["problems"]}
+    if "ours" in by_name and "baseline" in by_name:
+        return by_name["ours"]["val_bpb"] / by_name["baseline"]["val_bpb"]
+    return None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    clock = parser.add_mutually_exclusive_group()
+    clock.add_argument("--quick", action="store_true", help="2 minutes of training per entry")
+    clock.add_argument("--minutes", type=float, default=10.0, help="training minutes per entry (default 10)")
+    parser.add_argument("--only", choices=sorted(ENTRIES), help="run one entry only")
+    parser.add_argument("--val-docs", type=int, default=50, help="held-out validation documents (default 50)")
+    parser.add_argument("--rebuild-data", action="store_true", help="rebuild the proxy data even if present")
+    parser.add_argument("--data-only", action="store_true", help="build or reuse the proxy data, then stop")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    data_manifest = ensure_proxy_data(args.val_docs, args.rebuild_data)
+    if args.data_only:
+        return 0
+    seconds = 120.0 if args.quick else args.minutes * 60
+    stamp = time.strftime("%Y%m%d_%H%M%S")
+    names = [args.only] if args.only else list(ENTRIES)
+    results = [run_entry(name, data_manifest, seconds, stamp) for name in names]
+    ratio = bpb_ratio(results)
+    print_report(results, ratio)
+    summary = {"timestamp": stamp, "train_seconds": seconds, "model_bytes_cap": MODEL_BYTES_CAP,
+               "data": {"dir": str(DATA_DIR), "sources": data_manifest.get("sources"),
+                        "val_tokens": data_manifest.get("val", {}).get("tokens")},
+               "entries": results, "val_bpb_ratio_ours_over_baseline": ratio}
+    summary_path = OUT_DIR / f"proxy_{stamp}.json"
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"summary: {summary_path}")
+    return 1 if any(r["problems"] for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

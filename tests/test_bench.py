@@ -1,0 +1,50 @@
+"""bench/proxy.py's cap checks and bench/gpu_report.py's projection, on synthetic logs (no training)."""
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_report  # noqa: E402
+import proxy  # noqa: E402
+import runlog  # noqa: E402  (on the path through bench/proxy.py)
+from fake_logs import synthetic_log  # noqa: E402
+
+
+def entry(name="ours", val_bpb=1.5, model_bytes=1_500_000, returncode=0, partial=False):
+    figures = runlog.parse_log(synthetic_log(val_bpb=val_bpb, partial=partial)).summary()
+    figures.update(entry=name, model_bytes=model_bytes, returncode=returncode, log="x.log")
+    figures["problems"] = proxy.entry_problems(figures)
+    return figures
+
+
+def test_entry_within_the_caps_has_no_problems():
+    assert entry()["problems"] == []
+
+
+def test_model_over_the_proxy_cap_fails_loudly():
+    (problem,) = entry(model_bytes=2_000_001)["problems"]
+    assert "2,000,001 bytes, over the proxy cap of 2,000,000" in problem
+
+
+def test_failed_run_and_partial_validation_are_problems():
+    assert any("exited with 1" in p for p in entry(returncode=1)["problems"])
+    assert any("partial" in p for p in entry(partial=True)["problems"])
+
+
+def test_ratio_needs_both_entries_without_problems():
+    ours, baseline = entry("ours", 1.2), entry("baseline", 1.5)
+    assert proxy.bpb_ratio([ours, baseline]) == pytest.approx(0.8)
+    assert proxy.bpb_ratio([ours]) is None
+    assert proxy.bpb_ratio([ours, entry("baseline", 1.5, model_bytes=3_000_000)]) is None
+
+
+def test_gpu_projection_assumes_eight_times_the_one_gpu_throughput(tmp_path, capsys):
+    assert gpu_report.projected_steps(800.0) == pytest.approx(6000)  # 600 s / (800 ms / 8)
+    log = tmp_path / "competition.log"
+    log.write_text(synthetic_log(steps=40))  # 100 ms/step, attn_backend sdpa, peak 1234 MiB
+    assert gpu_report.main([f"competition={log}", f"baseline={tmp_path / 'missing.log'}"]) == 0
+    out = capsys.readouterr().out
+    assert "100.0" in out and "48,000" in out and "1,234" in out and "sdpa" in out
+    assert "projection" in out and "not a measurement" in out
