@@ -99,6 +99,7 @@ class Hyperparameters:
         "LOG_DIR": Setting("logs"),
         "ARTIFACT_DIR": Setting(""),  # "": LOG_DIR
         "DRY_RUN": Setting(False),
+        "DIST_TIMEOUT_SECONDS": Setting(1800, lo=1),  # collective timeout (export and evaluation are long on rank 0)
         # training schedule
         "ITERATIONS": Setting(20000, lo=1),
         "WARMUP_STEPS": Setting(20, lo=0),
@@ -934,7 +935,7 @@ class Runtime(NamedTuple):
             dist.barrier()
 
 
-def init_runtime() -> Runtime:
+def init_runtime(args: Hyperparameters) -> Runtime:
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -945,7 +946,10 @@ def init_runtime() -> Runtime:
     else:
         device = torch.device("cpu")
     if distributed:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+        from datetime import timedelta
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None,
+                                timeout=timedelta(seconds=args.dist_timeout_seconds))
     return Runtime(rank, world_size, local_rank, device, distributed)
 
 
@@ -1931,7 +1935,7 @@ def main(environ: dict[str, str] | None = None) -> None:
         print("\n".join(args.lines()))
         print("dry_run: configuration is valid")
         return
-    rt = init_runtime()
+    rt = init_runtime(args)
     run_id = resolve_run_id(args, rt)
     args.run_id = run_id
     log = Logger(Path(args.log_dir) / f"{run_id}.txt" if rt.is_main else None)
