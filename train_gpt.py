@@ -1377,16 +1377,17 @@ def encode_tensor(name: str, t: Tensor, module: nn.Module | None, args: Hyperpar
             arrays["scales"] = fp8_encode(scales.cpu(), factor.cpu()).view(torch.uint8).numpy()
             meta["scale_factor"] = float(factor)
         return TensorRecord(name, "ternary", shape, arrays, meta)
-    if args.fp_storage_sim != "none" and name == "tok_emb.weight":
-        fmt, clip = args.fp_storage_sim, 1.0  # exactly what the training forward simulated
+    simulated = args.fp_storage_sim != "none" and name == "tok_emb.weight"  # stored as training simulated it
+    if simulated:
+        fmt = args.fp_storage_sim
     elif (classify_parameter(name, t) not in ("matrix", "embed", "head") or fp_protected(name, args)
           or (args.export_format == "int8_zlib" and t.numel() <= INT8_FP16_MAX_NUMEL)):
-        return TensorRecord(name, "fp16", shape, {"values": t.to(torch.float16).numpy()}, {})
+        fmt = "fp16"
     else:
         fmt = "int8" if args.export_format == "int8_zlib" else args.export_fp_format
-        if fmt == "fp16":
-            return TensorRecord(name, "fp16", shape, {"values": t.to(torch.float16).numpy()}, {})
-        clip = best_clip(t, fmt, args.export_clip_search)
+    if fmt == "fp16":
+        return TensorRecord(name, "fp16", shape, {"values": t.to(torch.float16).numpy()}, {})
+    clip = 1.0 if simulated else best_clip(t, fmt, args.export_clip_search)
     codes, scale = encode_rows(t, fmt, clip)
     codes = codes.view(torch.uint8) if fmt == "fp8" else codes
     return TensorRecord(name, fmt, shape, {"codes": codes.numpy(), "scales": scale.to(torch.float16).numpy()},
@@ -1489,9 +1490,14 @@ def unframe_artifact(blob: bytes, source: str) -> bytes:
     return decompress(body, ARTIFACT_CODECS[blob[5]])
 
 
+def export_name(args: Hyperparameters) -> str:
+    return "int8_zlib" if args.export_format == "int8_zlib" else f"ternary_{resolve_codec(args)}"
+
+
 def artifact_config(args: Hyperparameters) -> dict:
     config = {name: getattr(args, name.lower()) for name in MODEL_SETTINGS}
     config["VOCAB_SIZE"] = args.vocab_size
+    config["EXPORT_NAME"] = export_name(args)
     config["TURBO_QUANT_TRAIN"] = args.turbo_quant_train or (args.turbo_quant_export and args.export_format == "ternary")
     return config
 
@@ -1539,6 +1545,7 @@ def model_from_records(config: dict, records: list[TensorRecord], args: Hyperpar
     if missing:
         raise ArtifactError(f"the artifact lacks tensors {sorted(missing)[:5]}: it was exported by a different model")
     model.load_state_dict(state)
+    model.export_name = config["EXPORT_NAME"]  # names the round-trip line, e.g. ternary_brotli or int8_zlib
     return model
 
 
@@ -1887,10 +1894,6 @@ def resolve_run_id(args: Hyperparameters, rt: Runtime) -> str:
     return run_id[0]
 
 
-def export_name(args: Hyperparameters) -> str:
-    return "int8_zlib" if args.export_format == "int8_zlib" else f"ternary_{resolve_codec(args)}"
-
-
 def export_and_reload(model: GPT, args: Hyperparameters, rt: Runtime, log: Logger) -> Path:
     """Rank 0 writes the artifact and reports its bytes; the barrier lets every rank read the file after."""
     path = Path(args.artifact_dir or args.log_dir) / f"{args.run_id}_model.skc"
@@ -1986,7 +1989,7 @@ def main(environ: dict[str, str] | None = None) -> None:
     warm_up_eval(loaded, eval_ctx, args, rt)
     load_ms = 1000.0 * (time.perf_counter() - t0)
     log(f"artifact_load_and_warmup_time:{load_ms:.0f}ms")
-    log_eval(log, f"final_{export_name(args)}_roundtrip", lambda: evaluate_windows(loaded, eval_ctx, args.eval_len, rt),
+    log_eval(log, f"final_{loaded.export_name}_roundtrip", lambda: evaluate_windows(loaded, eval_ctx, args.eval_len, rt),
              rt, args, load_ms)
     for key, options in eval_modes(args):
         log_eval(log, key, lambda: run_eval_mode(loaded, eval_ctx, options, args, rt), rt, args, load_ms)

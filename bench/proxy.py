@@ -87,6 +87,8 @@ def entry_problems(figures: dict) -> list[str]:
     problems = []
     if figures["returncode"] != 0:
         problems.append(f"train_gpt.py exited with {figures['returncode']} (see {figures['log']})")
+    if figures["steps"] is None:
+        problems.append("no train_done line: the entry did not train (is EVAL_ARTIFACT set in the environment?)")
     if figures["val_bpb"] is None:
         problems.append("no round-trip val_bpb line in the log")
     if figures["model_bytes"] is None:

@@ -48,3 +48,9 @@ def test_gpu_projection_assumes_eight_times_the_one_gpu_throughput(tmp_path, cap
     out = capsys.readouterr().out
     assert "100.0" in out and "48,000" in out and "1,234" in out and "sdpa" in out
     assert "projection" in out and "not a measurement" in out
+
+
+def test_an_entry_that_did_not_train_is_a_problem():
+    figures = entry()
+    figures["steps"] = None  # e.g. EVAL_ARTIFACT left in the environment: evaluation only
+    assert any("did not train" in p for p in proxy.entry_problems(figures))

@@ -87,6 +87,7 @@ def test_reloaded_model_equals_the_in_memory_quantized_model(overrides, toleranc
     in_memory = train_gpt.model_from_records(train_gpt.artifact_config(args), result.records, args)
     reloaded = train_gpt.load_artifact(result.blob, "test", args)
     assert torch.equal(logits_of(in_memory), logits_of(reloaded))
+    assert reloaded.export_name == train_gpt.export_name(args)  # the artifact names its own round-trip line
     assert train_gpt.export_model(model, args, train_gpt.Logger(None)).blob == result.blob  # deterministic bytes
     if tolerance is not None:
         assert (logits_of(model) - logits_of(reloaded)).abs().max() < tolerance
