@@ -1545,7 +1545,7 @@ def model_from_records(config: dict, records: list[TensorRecord], args: Hyperpar
     if missing:
         raise ArtifactError(f"the artifact lacks tensors {sorted(missing)[:5]}: it was exported by a different model")
     model.load_state_dict(state)
-    model.export_name = config["EXPORT_NAME"]  # names the round-trip line, e.g. ternary_brotli or int8_zlib
+    model.export_name = config.get("EXPORT_NAME", "artifact")  # names the round-trip line, e.g. ternary_brotli
     return model
 
 
