@@ -9,6 +9,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from tiny_lm import tiny_data  # noqa: E402,F401  (the tiny corpus/tokenizer/shards fixture, shared by all tests)
+
 
 def load_prepare_module():
     spec = importlib.util.spec_from_file_location("prepare", REPO_ROOT / "data" / "prepare.py")
@@ -26,3 +28,4 @@ def prepare():
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
+

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import train_gpt
-from tiny_lm import REPO_ROOT_FOR_TESTS, subprocess_env, tiny_data  # noqa: F401
+from tiny_lm import REPO_ROOT_FOR_TESTS, subprocess_env
 
 VOCAB, SEQ_LEN, NUM_TARGETS = 64, 16, 150
 CPU = train_gpt.Runtime(0, 1, 0, torch.device("cpu"), False)

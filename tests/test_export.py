@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import train_gpt
-from tiny_lm import tiny_data  # noqa: F401
 
 
 def tiny_args(**overrides):

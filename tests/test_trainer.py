@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train_gpt
-from tiny_lm import REPO_ROOT_FOR_TESTS, document_stream, subprocess_env, tiny_data  # noqa: F401
+from tiny_lm import REPO_ROOT_FOR_TESTS, document_stream, subprocess_env
 
 
 def final_figures(log_text: str, key: str) -> dict[str, float]:
