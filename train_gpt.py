@@ -1076,8 +1076,9 @@ def train(args: Hyperparameters, rt: Runtime, log: Logger, model: GPT, val_ctx: 
         compiled = DistributedDataParallel(compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
                                            broadcast_buffers=False)
     optimizers, groups = build_optimizers(model, args, fused=rt.device.type == "cuda")
+    sizes = {name: p.numel() for name, p in model.named_parameters()}
     for kind, names in groups.items():
-        log(f"param_group:{kind} tensors:{len(names)} params:{sum(dict(model.named_parameters())[n].numel() for n in names)}")
+        log(f"param_group:{kind} tensors:{len(names)} params:{sum(sizes[n] for n in names)}")
     accum, micro_tokens = grad_accum_steps(args, rt.world_size)
     log(f"grad_accum_steps:{accum} micro_batch_tokens_per_rank:{micro_tokens}")
     train_pattern = os.path.join(args.data_path, "fineweb_train_*.bin")
@@ -1090,7 +1091,7 @@ def train(args: Hyperparameters, rt: Runtime, log: Logger, model: GPT, val_ctx: 
         initial_model = copy.deepcopy(model.state_dict())
         initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
         warm_loader = DistributedTokenLoader(train_pattern, model.tok_emb.num_embeddings, rt.rank, rt.world_size, rt.device)
-        for warm_step in range(args.warmup_steps):
+        for _ in range(args.warmup_steps):
             train_step(compiled, warm_loader, args, rt, accum, micro_tokens)
             for opt in optimizers:
                 opt.step()
@@ -1107,12 +1108,12 @@ def train(args: Hyperparameters, rt: Runtime, log: Logger, model: GPT, val_ctx: 
         raise ConfigError(f"CALIB_MAX_SECONDS={args.calib_max_seconds} leaves no training time in "
                           f"MAX_WALLCLOCK_SECONDS={args.max_wallclock_seconds}")
     tokens_per_step = args.train_batch_tokens
-    train_ms, step, last_loss = 0.0, 0, float("nan")
+    train_ms, step, last_loss, stop_step = 0.0, 0, float("nan"), args.iterations
     if rt.device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     while True:
-        last_step = step == args.iterations
+        last_step = step == stop_step
         if last_step or (args.val_loss_every and step % args.val_loss_every == 0 and step > 0):
             if rt.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -1152,7 +1153,7 @@ def train(args: Hyperparameters, rt: Runtime, log: Logger, model: GPT, val_ctx: 
                 f"tok_s:{step * tokens_per_step / (elapsed_ms / 1000.0):.0f} train_time:{elapsed_ms:.0f}ms "
                 f"step_avg:{elapsed_ms / step:.2f}ms remaining:{max(max_ms - elapsed_ms, 0.0) / 1000.0:.0f}s")
         if flags[0]:
-            args.iterations = step  # the cap ends training here, on every rank; the next pass validates
+            stop_step = step  # the cap ends training here, on every rank; the next pass validates
     train_tok_s = step * tokens_per_step / max(train_ms / 1000.0, 1e-9)
     log(f"train_done steps:{step} train_time:{train_ms:.0f}ms tok_s:{train_tok_s:.0f}")
     log(f"peak_mem_mib:{peak_memory_mib(rt):.0f}")
@@ -1160,7 +1161,6 @@ def train(args: Hyperparameters, rt: Runtime, log: Logger, model: GPT, val_ctx: 
         ema.copy_to(model)
         log(f"ema: applied decay {args.ema_decay} weights")
     return {"steps": step, "train_ms": train_ms, "tok_s": train_tok_s}
-
 
 
 # -----------------------------------------------------------------------------
