@@ -551,6 +551,51 @@ def rotate_blocks(x: Tensor, hadamard: Tensor) -> Tensor:
 # -----------------------------------------------------------------------------
 # Model: ternary U-Net GPT
 # -----------------------------------------------------------------------------
+# Parameter roles. Every parameter has exactly one role, declared by the module
+# that owns it (its `param_roles`: local name -> role) and resolved once by
+# parameter_roles(). The role alone decides how a parameter is treated: its
+# optimizer group (the role's name), whether export may quantize it, what
+# test-time training may move, and where the parameter count files it.
+class Role(NamedTuple):
+    quantizable: bool  # export may store it in a low-bit format (else fp16)
+    ttt_scope: str  # "scalars": trained by every TTT scope; "all": only by TTT_SCOPE=all
+    count_kind: str  # its line in the parameter count ("matrix": ternary or fp_matrix by layer)
+
+
+ROLES = {
+    "embed": Role(quantizable=True, ttt_scope="all", count_kind="embedding"),  # Adam, embedding LR
+    "head": Role(quantizable=True, ttt_scope="all", count_kind="embedding"),  # Adam, head LR
+    "matrix": Role(quantizable=True, ttt_scope="all", count_kind="matrix"),  # Muon
+    # Gates, routers, scales and mixing scalars of any shape: Adam without weight decay (decay would
+    # silently drive a gate to zero), kept in fp16 by export.
+    "scalar": Role(quantizable=False, ttt_scope="scalars", count_kind="scalar"),
+}
+
+
+def parameter_roles(model: nn.Module) -> dict[str, str]:
+    """Every trainable tensor's role by parameter name; a parameter without a declared role is an error."""
+    roles: dict[str, str] = {}
+    seen: set[int] = set()
+    for prefix, module in model.named_modules():
+        declared = getattr(module, "param_roles", {})
+        for local, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            name = f"{prefix}.{local}" if prefix else local
+            if declared.get(local) not in ROLES:
+                raise TypeError(f"parameter {name} has no role: declare it in {type(module).__name__}.param_roles "
+                                f"as one of {', '.join(ROLES)}")
+            roles[name] = declared[local]
+    return roles
+
+
+def with_roles(module: nn.Module, **roles: str) -> nn.Module:
+    """`module` with the roles of its own parameters declared (for library modules such as nn.Embedding)."""
+    module.param_roles = roles
+    return module
+
+
 class TernaryLinear(nn.Linear):
     """BitNet b1.58 linear layer: {-1, 0, +1} x per-group absmean scale, trained through an fp shadow weight.
 
@@ -559,6 +604,8 @@ class TernaryLinear(nn.Linear):
     artifact holds exactly what the forward used. With `rotate`, inputs pass through a blockwise Hadamard
     rotation (TurboQuant) and the weight lives in the rotated basis.
     """
+
+    param_roles = {"weight": "matrix"}
 
     def __init__(self, in_features: int, out_features: int, group_size: int, scale_format: str, rotate: bool = False):
         super().__init__(in_features, out_features, bias=False)
@@ -585,8 +632,9 @@ class TernaryLinear(nn.Linear):
 class CastedLinear(nn.Linear):
     """Full-precision linear layer kept in fp32 and cast to the activation dtype (the baseline's layer)."""
 
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, in_features: int, out_features: int, role: str = "matrix"):
         super().__init__(in_features, out_features, bias=False)
+        self.param_roles = {"weight": role}
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight.to(x.dtype))
@@ -647,6 +695,8 @@ def select_attention_backend(requested: str, device: torch.device) -> tuple[str,
 
 
 class CausalSelfAttention(nn.Module):
+    param_roles = {"q_gain": "scalar"}
+
     def __init__(self, args: Hyperparameters):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
@@ -693,6 +743,7 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm block; resid_mix blends the running stream with the input embedding x0."""
+    param_roles = {"attn_scale": "scalar", "mlp_scale": "scalar", "resid_mix": "scalar"}
 
     def __init__(self, args: Hyperparameters):
         super().__init__()
@@ -721,15 +772,16 @@ def softcap(logits: Tensor, cap: float, kind: str) -> Tensor:
 
 class GPT(nn.Module):
     """U-Net GPT: the first half of the blocks push skips that the second half pops, in reverse, with learned weights."""
+    param_roles = {"skip_weights": "scalar"}
 
     def __init__(self, args: Hyperparameters, vocab_size: int):
         super().__init__()
         self.args = args
         embed_dim = args.embed_dim or args.model_dim
-        self.tok_emb = nn.Embedding(vocab_size, embed_dim)
+        self.tok_emb = with_roles(nn.Embedding(vocab_size, embed_dim), weight="embed")
         self.embed_proj = CastedLinear(embed_dim, args.model_dim) if embed_dim != args.model_dim else None
         self.head_proj = CastedLinear(args.model_dim, embed_dim) if embed_dim != args.model_dim else None
-        self.lm_head = None if args.tie_embeddings else CastedLinear(args.model_dim, vocab_size)
+        self.lm_head = None if args.tie_embeddings else CastedLinear(args.model_dim, vocab_size, role="head")
         self.num_encoder_layers = args.num_layers // 2
         self.num_decoder_layers = args.num_layers - self.num_encoder_layers
         self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder_layers, self.num_decoder_layers), args.model_dim))
@@ -865,29 +917,13 @@ class Muon(torch.optim.Optimizer):
                 offset += p.numel()
 
 
-# Parameters whose names contain one of these are control parameters: they go to
-# Adam without weight decay whatever their shape (decay on a gate or router
-# silently drives it to zero).
-CONTROL_PARAM_PATTERNS = ("scale", "gain", "resid_mix", "skip_weights", "gate", "router")
-
-
-def classify_parameter(name: str, p: nn.Parameter) -> str:
-    """The optimizer group of a parameter: embed, head, matrix (Muon) or scalar (Adam, no decay)."""
-    if any(pattern in name for pattern in CONTROL_PARAM_PATTERNS):
-        return "scalar"
-    if name == "tok_emb.weight":
-        return "embed"
-    if name == "lm_head.weight":
-        return "head"
-    return "matrix" if p.ndim == 2 else "scalar"
-
-
 def build_optimizers(model: nn.Module, args: Hyperparameters, fused: bool) -> tuple[list[torch.optim.Optimizer], dict[str, list[str]]]:
-    groups: dict[str, list[str]] = {"embed": [], "head": [], "matrix": [], "scalar": []}
+    """One optimizer group per parameter role: Muon for matrices, Adam for the rest."""
+    groups: dict[str, list[str]] = {role: [] for role in ROLES}
     params = dict(model.named_parameters())
-    for name, p in params.items():
-        if p.requires_grad:
-            groups[classify_parameter(name, p)].append(name)
+    for name, role in parameter_roles(model).items():
+        if params[name].requires_grad:
+            groups[role].append(name)
     adam_groups = []
     embed_lr = args.tied_embed_lr if args.tie_embeddings else args.embed_lr
     for kind, lr, decay in (("embed", embed_lr, args.embed_weight_decay), ("head", args.head_lr, args.embed_weight_decay),
@@ -1360,7 +1396,8 @@ class TensorRecord(NamedTuple):
     meta: dict
 
 
-def encode_tensor(name: str, t: Tensor, module: nn.Module | None, args: Hyperparameters) -> TensorRecord:
+def encode_tensor(name: str, t: Tensor, module: nn.Module | None, role: str | None, args: Hyperparameters) -> TensorRecord:
+    """One tensor's record; `role` is None for a buffer (kept in fp16)."""
     t = t.detach().float().cpu()
     shape = tuple(t.shape)
     if isinstance(module, TernaryLinear) and args.export_format == "ternary":
@@ -1380,7 +1417,7 @@ def encode_tensor(name: str, t: Tensor, module: nn.Module | None, args: Hyperpar
     simulated = args.fp_storage_sim != "none" and name == "tok_emb.weight"  # stored as training simulated it
     if simulated:
         fmt = args.fp_storage_sim
-    elif (classify_parameter(name, t) not in ("matrix", "embed", "head") or fp_protected(name, args)
+    elif (role is None or not ROLES[role].quantizable or fp_protected(name, args)
           or (args.export_format == "int8_zlib" and t.numel() <= INT8_FP16_MAX_NUMEL)):
         fmt = "fp16"
     else:
@@ -1397,7 +1434,8 @@ def encode_tensor(name: str, t: Tensor, module: nn.Module | None, args: Hyperpar
 def encode_model(model: GPT, args: Hyperparameters) -> list[TensorRecord]:
     owners = {f"{prefix}.weight" if prefix else "weight": m for prefix, m in model.named_modules()
               if isinstance(m, TernaryLinear)}
-    return [encode_tensor(name, t, owners.get(name), args) for name, t in model.state_dict().items()]
+    roles = parameter_roles(model)
+    return [encode_tensor(name, t, owners.get(name), roles.get(name), args) for name, t in model.state_dict().items()]
 
 
 def decode_tensor(record: TensorRecord) -> tuple[Tensor, Tensor | None]:
@@ -1733,18 +1771,11 @@ def evaluate_windows(model: GPT, ctx: StreamContext, stride: int, rt: Runtime, o
 
 
 # Parameters that TTT must never move (packed hash tables are part of the artifact's compressed memory).
-TTT_FROZEN_PATTERNS = ("engram",)
-
-
-def ttt_parameters(model: GPT, scope: str) -> list[nn.Parameter]:
-    """The parameters test-time training updates: control scalars only, or every float parameter."""
-    chosen = []
-    for name, p in model.named_parameters():
-        if any(pattern in name for pattern in TTT_FROZEN_PATTERNS):
-            continue
-        if scope == "all" or classify_parameter(name, p) == "scalar":
-            chosen.append(p)
-    return chosen
+def ttt_parameters(model: GPT, scope: str) -> dict[str, nn.Parameter]:
+    """The parameters test-time training updates, by name: those whose role's TTT scope includes `scope`."""
+    params = dict(model.named_parameters())
+    in_scope = ("scalars",) if scope == "scalars" else ("scalars", "all")
+    return {name: params[name] for name, role in parameter_roles(model).items() if ROLES[role].ttt_scope in in_scope}
 
 
 def ttt_train_on_chunk(model: GPT, ctx: StreamContext, lo: int, hi: int, optimizer: torch.optim.Optimizer,
@@ -1785,13 +1816,12 @@ def evaluate_streaming(model: GPT, ctx: StreamContext, args: Hyperparameters, rt
     mine = chunks[len(chunks) * rt.rank // rt.world_size:len(chunks) * (rt.rank + 1) // rt.world_size]
     if ttt:
         model = copy.deepcopy(model)
-        params = ttt_parameters(model, args.ttt_scope)
-        trainable = {id(p) for p in params}
-        for p in model.parameters():
-            p.requires_grad_(id(p) in trainable)
+        chosen = ttt_parameters(model, args.ttt_scope)
+        params = list(chosen.values())
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in chosen)
         optimizer = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
-        frozen = {n: p.detach().clone() for n, p in model.named_parameters()
-                  if any(pattern in n for pattern in TTT_FROZEN_PATTERNS)}
+        frozen = {n: p.detach().clone() for n, p in model.named_parameters() if n not in chosen}
     memory = EvalEngram(args, model.tok_emb.num_embeddings, rt.device) if engram else None
     model.eval()
     losses = []
@@ -1807,7 +1837,7 @@ def evaluate_streaming(model: GPT, ctx: StreamContext, args: Hyperparameters, rt
     if ttt:
         for name, p in model.named_parameters():
             if name in frozen and not torch.equal(p, frozen[name]):
-                raise RuntimeError(f"TTT moved frozen parameter {name}")
+                raise RuntimeError(f"TTT moved {name}, which is outside TTT_SCOPE={args.ttt_scope}")
     lo, hi = (mine[0][0], mine[-1][1]) if mine else (1, 1)
     return scored(ctx, lo, hi, torch.cat(losses) if losses else torch.zeros(0, device=rt.device))
 
@@ -1870,10 +1900,12 @@ def run_eval_mode(model: GPT, ctx: StreamContext, options: dict, args: Hyperpara
 def count_parameters(model: GPT) -> dict[str, int]:
     ternary = {id(m.weight) for m in model.modules() if isinstance(m, TernaryLinear)}
     counts = {"ternary": 0, "fp_matrix": 0, "embedding": 0, "scalar": 0}
-    for name, p in model.named_parameters():
-        kind = ("ternary" if id(p) in ternary else "embedding" if name in ("tok_emb.weight", "lm_head.weight")
-                else "fp_matrix" if p.ndim == 2 and classify_parameter(name, p) == "matrix" else "scalar")
-        counts[kind] += p.numel()
+    params = dict(model.named_parameters())
+    for name, role in parameter_roles(model).items():
+        kind = ROLES[role].count_kind
+        if kind == "matrix":
+            kind = "ternary" if id(params[name]) in ternary else "fp_matrix"
+        counts[kind] += params[name].numel()
     counts["total"] = sum(counts.values())
     return counts
 

@@ -138,6 +138,29 @@ def test_every_parameter_is_in_one_group_and_moves_after_one_step(tiny_data, ove
     assert not unchanged
 
 
+@pytest.mark.parametrize("overrides", [{}, {"TIE_EMBEDDINGS": "0"}, {"EMBED_DIM": "32"}, {"WEIGHT_QUANT": "none"}])
+def test_each_parameter_role_decides_its_optimizer_group_export_and_ttt_scope(tiny_data, overrides):
+    args = train_gpt.Hyperparameters(tiny_data.env(**overrides))
+    model = train_gpt.GPT(args, tiny_data.sp.vocab_size())
+    roles = train_gpt.parameter_roles(model)
+    assert set(roles) == {name for name, _ in model.named_parameters()}
+    _, groups = train_gpt.build_optimizers(model, args, fused=False)
+    assert all(roles[name] == group for group, names in groups.items() for name in names)
+    controls = {"blocks.0.attn_scale", "blocks.0.mlp_scale", "blocks.0.resid_mix", "skip_weights", "blocks.0.attn.q_gain"}
+    assert {name for name, role in roles.items() if role == "scalar"} >= controls
+    assert set(train_gpt.ttt_parameters(model, "scalars")) == {n for n, r in roles.items() if r == "scalar"}
+    assert set(train_gpt.ttt_parameters(model, "all")) == set(roles)
+    fp16_records = {r.name for r in train_gpt.encode_model(model, args) if r.encoding == "fp16"}
+    assert controls <= fp16_records
+
+
+def test_a_parameter_without_a_declared_role_is_refused(tiny_data):
+    model = train_gpt.GPT(train_gpt.Hyperparameters(tiny_data.env()), tiny_data.sp.vocab_size())
+    model.blocks[0].extra_gate = torch.nn.Parameter(torch.zeros(4))
+    with pytest.raises(TypeError, match="blocks.0.extra_gate has no role: declare it in Block.param_roles"):
+        train_gpt.parameter_roles(model)
+
+
 def test_z_loss_enters_the_objective_but_not_the_reported_loss():
     logits, targets = torch.randn(2, 5, 11) * 3, torch.randint(0, 11, (2, 5))
     objective, ce = train_gpt.training_loss(logits, targets, 1e-2)
