@@ -1083,9 +1083,14 @@ def train_step(model: nn.Module, loader: DistributedTokenLoader, args: Hyperpara
     return total / accum
 
 
-def apply_schedules(optimizers: list[torch.optim.Optimizer], args: Hyperparameters, step: int, scale: float) -> None:
+def muon_momentum(step: int, args: Hyperparameters) -> float:
+    """Muon's momentum, warmed up linearly from MUON_MOMENTUM_WARMUP_START over MUON_MOMENTUM_WARMUP_STEPS."""
     warm = min(step / args.muon_momentum_warmup_steps, 1.0) if args.muon_momentum_warmup_steps else 1.0
-    momentum = (1.0 - warm) * args.muon_momentum_warmup_start + warm * args.muon_momentum
+    return (1.0 - warm) * args.muon_momentum_warmup_start + warm * args.muon_momentum
+
+
+def apply_schedules(optimizers: list[torch.optim.Optimizer], args: Hyperparameters, step: int, scale: float) -> None:
+    momentum = muon_momentum(step, args)
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * scale
@@ -1778,12 +1783,25 @@ def ttt_parameters(model: GPT, scope: str) -> dict[str, nn.Parameter]:
     return {name: params[name] for name, role in parameter_roles(model).items() if ROLES[role].ttt_scope in in_scope}
 
 
+def score_first_chunks(num_targets: int, chunk_tokens: int) -> list[tuple[int, int]]:
+    """(lo, hi) of each chunk of targets that score-first evaluation scores, then learns from."""
+    bounds = list(range(1, num_targets + 1, chunk_tokens)) + [num_targets + 1]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def ttt_sequence_starts(lo: int, hi: int, seq_len: int) -> list[int]:
+    """Starts of the sequences TTT trains on after scoring targets lo..hi-1: every target they hold lies at or
+    before hi-1."""
+    starts = list(range(max(0, lo - 1), hi - 1 - seq_len + 1, seq_len))
+    if hi - 1 - seq_len >= 0 and (not starts or starts[-1] != hi - 1 - seq_len):
+        starts.append(hi - 1 - seq_len)  # the chunk's tail, overlapping the previous sequence
+    return starts
+
+
 def ttt_train_on_chunk(model: GPT, ctx: StreamContext, lo: int, hi: int, optimizer: torch.optim.Optimizer,
                        params: list[nn.Parameter], args: Hyperparameters, rt: Runtime, events: list | None) -> None:
     """Learn from the already-scored targets lo..hi-1: sequences whose every target lies at or before hi-1."""
-    starts = list(range(max(0, lo - 1), hi - 1 - ctx.seq_len + 1, ctx.seq_len))
-    if hi - 1 - ctx.seq_len >= 0 and (not starts or starts[-1] != hi - 1 - ctx.seq_len):
-        starts.append(hi - 1 - ctx.seq_len)  # the chunk's tail, overlapping the previous sequence
+    starts = ttt_sequence_starts(lo, hi, ctx.seq_len)
     if not starts:
         return
     if events is not None:
@@ -1811,8 +1829,7 @@ def evaluate_streaming(model: GPT, ctx: StreamContext, args: Hyperparameters, rt
     contiguous run of chunks and starts from the artifact's weights; no gradient crosses ranks, since it
     would carry other ranks' unscored future."""
     stride = args.sliding_eval_stride or ctx.seq_len
-    bounds = list(range(1, ctx.num_targets + 1, args.eval_chunk_tokens)) + [ctx.num_targets + 1]
-    chunks = list(zip(bounds[:-1], bounds[1:]))
+    chunks = score_first_chunks(ctx.num_targets, args.eval_chunk_tokens)
     mine = chunks[len(chunks) * rt.rank // rt.world_size:len(chunks) * (rt.rank + 1) // rt.world_size]
     if ttt:
         model = copy.deepcopy(model)
