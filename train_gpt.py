@@ -102,9 +102,10 @@ class Hyperparameters:
         "DIST_TIMEOUT_SECONDS": Setting(1800, lo=1),  # collective timeout (export and evaluation are long on rank 0)
         # training schedule
         "ITERATIONS": Setting(20000, lo=1),
-        "WARMUP_STEPS": Setting(20, lo=0),
-        "LR_WARMUP_STEPS": Setting(0, lo=0),
-        "WARMDOWN_ITERS": Setting(3000, lo=0),
+        "WARMUP_STEPS": Setting(20, lo=0),  # compile/allocator warm-up steps, undone before training
+        "LR_WARMUP_STEPS": Setting(10, lo=0),  # linear LR warm-up over the first steps
+        "WARMDOWN_FRACTION": Setting(0.4, lo=0.0, hi=1.0),  # linear LR decay to 0 over this last share of the budget
+        "WARMDOWN_ITERS": Setting(0, lo=0),  # the official baseline's warm-down; > 0 replaces WARMDOWN_FRACTION
         "TRAIN_BATCH_TOKENS": Setting(524288, lo=1),
         "TRAIN_MICRO_BATCH_TOKENS": Setting(65536, lo=1),
         "TRAIN_SEQ_LEN": Setting(1024, lo=2),
@@ -198,7 +199,18 @@ class Hyperparameters:
         for name, setting in self.SETTINGS.items():
             raw = env.get(name)
             setattr(self, name.lower(), setting.default if raw is None else _parse_setting(name, raw, setting))
+        self._resolve_warmdown(env)
         self._check_relations()
+
+    def _resolve_warmdown(self, env) -> None:
+        """WARMDOWN_ITERS > 0 (the official baseline's schedule) replaces the default WARMDOWN_FRACTION;
+        both set explicitly would leave the schedule ambiguous."""
+        if self.warmdown_iters > 0:
+            if "WARMDOWN_FRACTION" in env and self.warmdown_fraction > 0:
+                raise ConfigError(f"WARMDOWN_ITERS={self.warmdown_iters} and WARMDOWN_FRACTION={self.warmdown_fraction} "
+                                  "both set the warm-down: set WARMDOWN_FRACTION=0 to use WARMDOWN_ITERS, or unset "
+                                  "WARMDOWN_ITERS")
+            self.warmdown_fraction = 0.0
 
     @classmethod
     def _reject_unknown(cls, env) -> None:
@@ -359,22 +371,42 @@ class DistributedTokenLoader:
     """Every rank draws the same global span of the stream and keeps its own contiguous slice,
     so a global batch holds the same sequences on 1 or N processes.
 
-    On CUDA the slice goes through pinned memory with a non-blocking copy, so the
-    host-to-device transfer overlaps with the compute already queued.
+    On CUDA the next batch is prepared while the current one computes: its slice is pinned and copied on a
+    side stream, so the host-to-device transfer never waits in the compute stream. The token stream is then
+    one batch ahead of what next_batch has returned.
     """
 
     def __init__(self, pattern: str, vocab_size: int, rank: int, world_size: int, device: torch.device):
         self.stream = TokenStream(shard_files(pattern), vocab_size)
         self.rank, self.world_size, self.device = rank, world_size, device
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.prefetched: tuple[int, Tensor] | None = None  # (local tokens, its span on the device)
 
-    def next_batch(self, local_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
+    def _local_span(self, local_tokens: int) -> Tensor:
         # One global span of world*local+1 tokens, cut the same way for any world size: rank r's
         # inputs are span[r*local:(r+1)*local], its targets the same range shifted by one.
         chunk = self.stream.take(self.world_size * local_tokens + 1)
         start = self.rank * local_tokens
         local = torch.from_numpy(chunk[start:start + local_tokens + 1].astype(np.int64))
-        if self.device.type == "cuda":
-            local = local.pin_memory().to(self.device, non_blocking=True)
+        if self.copy_stream is None:
+            return local
+        with torch.cuda.stream(self.copy_stream):
+            return local.pin_memory().to(self.device, non_blocking=True)
+
+    def next_batch(self, local_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
+        if self.copy_stream is None:
+            local = self._local_span(local_tokens)
+        else:
+            if self.prefetched is None:
+                self.prefetched = (local_tokens, self._local_span(local_tokens))
+            size, local = self.prefetched
+            if size != local_tokens:
+                raise RuntimeError(f"next_batch({local_tokens}) after a prefetch of {size} tokens: one loader serves "
+                                   "one batch size")
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_stream(self.copy_stream)
+            local.record_stream(compute)  # the copy stream's allocation is used, then freed, on the compute stream
+            self.prefetched = (local_tokens, self._local_span(local_tokens))
         return local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
 
 
@@ -853,15 +885,13 @@ def training_loss(logits: Tensor, target_ids: Tensor, z_loss_weight: float) -> t
 # Optimizers
 # -----------------------------------------------------------------------------
 def zeropower_via_newtonschulz5(G: Tensor, steps: int, row_norm: bool = False) -> Tensor:
-    """Approximately orthogonalize G (quintic Newton-Schulz). A near-zero G gives zero, never NaN."""
+    """Approximately orthogonalize G (quintic Newton-Schulz). A zero G gives zero, never NaN, without a branch on
+    its norm (a branch would read a device value back to the host)."""
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.bfloat16() if G.is_cuda else G.float()
     if row_norm:  # MuonEq-R: equalize row norms before orthogonalizing
         X = X / X.norm(dim=1, keepdim=True).clamp_min(1e-7)
-    norm = X.norm()
-    if norm < 1e-12:
-        return torch.zeros_like(G)
-    X = X / (norm + 1e-7)
+    X = X / (X.norm() + 1e-7)
     transposed = G.size(0) > G.size(1)
     if transposed:
         X = X.T
@@ -874,15 +904,18 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int, row_norm: bool = False) -
 class Muon(torch.optim.Optimizer):
     """Momentum + Newton-Schulz orthogonalized updates for matrices.
 
-    Under torch.distributed each rank orthogonalizes a round-robin share of the
-    matrices and one all-reduce assembles every update on every rank. Decoupled
-    weight decay touches only matrices that received a gradient this step.
+    Under torch.distributed each rank orthogonalizes a round-robin share of the matrices and one all-reduce
+    assembles every update on every rank (in bf16 on CUDA, as the official script does). DDP gives every rank
+    the same gradients, so whether a matrix got one is the same everywhere and is decided without a collective
+    or a host read. Decoupled weight decay touches only matrices that received a gradient this step.
+    `orthogonalize` is zeropower_via_newtonschulz5 or its compiled form.
     """
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float = 0.0,
-                 row_norm: bool = False, nesterov: bool = True):
+                 row_norm: bool = False, nesterov: bool = True, orthogonalize=zeropower_via_newtonschulz5):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay,
                                       row_norm=row_norm, nesterov=nesterov))
+        self.orthogonalize = orthogonalize
 
     @torch.no_grad()
     def step(self):
@@ -892,8 +925,9 @@ class Muon(torch.optim.Optimizer):
             params = group["params"]
             if not params:
                 continue
-            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.float32)
-            has_grad = torch.tensor([p.grad is not None for p in params], device=params[0].device, dtype=torch.float32)
+            device = params[0].device
+            flat = torch.zeros(sum(p.numel() for p in params), device=device,
+                               dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
             offset = 0
             for i, p in enumerate(params):
                 if i % world_size == rank and p.grad is not None:
@@ -901,23 +935,23 @@ class Muon(torch.optim.Optimizer):
                     buf = state.setdefault("momentum_buffer", torch.zeros_like(p.grad))
                     buf.mul_(group["momentum"]).add_(p.grad)
                     g = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
-                    g = zeropower_via_newtonschulz5(g, group["backend_steps"], group["row_norm"])
+                    g = self.orthogonalize(g, group["backend_steps"], group["row_norm"])
                     g = g * max(1.0, g.size(0) / g.size(1)) ** 0.5
-                    flat[offset:offset + p.numel()] = g.reshape(-1).float()
+                    flat[offset:offset + p.numel()] = g.reshape(-1)
                 offset += p.numel()
             if distributed:
                 dist.all_reduce(flat)
-                dist.all_reduce(has_grad, op=dist.ReduceOp.MAX)
             offset = 0
-            for p, got_grad in zip(params, has_grad.tolist()):
-                if got_grad:
+            for p in params:
+                if p.grad is not None:
                     if group["weight_decay"]:
                         p.mul_(1.0 - group["lr"] * group["weight_decay"])
                     p.add_(flat[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
                 offset += p.numel()
 
 
-def build_optimizers(model: nn.Module, args: Hyperparameters, fused: bool) -> tuple[list[torch.optim.Optimizer], dict[str, list[str]]]:
+def build_optimizers(model: nn.Module, args: Hyperparameters, fused: bool,
+                     compile_ns: bool = False) -> tuple[list[torch.optim.Optimizer], dict[str, list[str]]]:
     """One optimizer group per parameter role: Muon for matrices, Adam for the rest."""
     groups: dict[str, list[str]] = {role: [] for role in ROLES}
     params = dict(model.named_parameters())
@@ -934,8 +968,10 @@ def build_optimizers(model: nn.Module, args: Hyperparameters, fused: bool) -> tu
     optimizers: list[torch.optim.Optimizer] = [
         torch.optim.AdamW(adam_groups, betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=fused)]
     if groups["matrix"]:
+        orthogonalize = torch.compile(zeropower_via_newtonschulz5) if compile_ns else zeropower_via_newtonschulz5
         muon = Muon([params[n] for n in groups["matrix"]], lr=args.matrix_lr, momentum=args.muon_momentum,
-                    backend_steps=args.muon_backend_steps, weight_decay=args.muon_weight_decay, row_norm=args.muon_row_norm)
+                    backend_steps=args.muon_backend_steps, weight_decay=args.muon_weight_decay, row_norm=args.muon_row_norm,
+                    orthogonalize=orthogonalize)
         for group in muon.param_groups:
             group["base_lr"], group["kind"] = args.matrix_lr, "matrix"
         optimizers.append(muon)
@@ -979,6 +1015,8 @@ def init_runtime(args: Hyperparameters) -> Runtime:
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast (Newton-Schulz on fp32 weights)
+        torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device("cpu")
     if distributed:
@@ -1030,22 +1068,33 @@ def training_seconds(args: Hyperparameters) -> float:
     return max(args.max_wallclock_seconds - reserved, 0.0) if args.max_wallclock_seconds > 0 else 0.0
 
 
-def lr_scale(step: int, elapsed_ms: float, args: Hyperparameters) -> float:
-    """Linear warmup, then linear warmdown over the last WARMDOWN_ITERS steps; under a wall-clock cap the
-    remaining steps are estimated from the mean step time, so the warmdown ends when the clock does."""
-    scale = min(1.0, (step + 1) / args.lr_warmup_steps) if args.lr_warmup_steps else 1.0
-    if args.warmdown_iters <= 0:
-        return scale
-    by_steps = min(1.0, max(args.iterations - step, 0) / args.warmdown_iters)
-    if args.max_wallclock_seconds > 0 and step > 0:
-        remaining_ms = max(1000.0 * training_seconds(args) - elapsed_ms, 0.0)
-        by_steps = min(by_steps, remaining_ms / (args.warmdown_iters * elapsed_ms / step))
-    return scale * min(by_steps, 1.0)
-
-
 def training_progress(step: int, elapsed_ms: float, args: Hyperparameters) -> float:
+    """How far training is, 0..1: the larger of the step share of ITERATIONS and the time share of the budget."""
     by_time = elapsed_ms / (1000.0 * training_seconds(args)) if training_seconds(args) > 0 else 0.0
     return min(1.0, max(step / args.iterations, by_time))
+
+
+def lr_scale(step: int, elapsed_ms: float, args: Hyperparameters, step_ms: float) -> float:
+    """The learning-rate multiplier of step `step` (0-based): a linear warm-up over LR_WARMUP_STEPS times a
+    linear warm-down that reaches 0 when the budget ends.
+
+    WARMDOWN_FRACTION: the warm-down covers the last fraction of training_progress (the wall clock under a
+    cap, else ITERATIONS), so it needs no step-time estimate and behaves the same for any budget.
+    WARMDOWN_ITERS (the official baseline's schedule): the last WARMDOWN_ITERS steps; under a cap they are
+    projected on the clock as WARMDOWN_ITERS * step_ms, where step_ms is the mean step time (train() measures
+    it on the warm-up steps before step 0, so the projection holds from the first step instead of jumping
+    after it). A projection longer than the budget starts below 1, as the official script's does."""
+    warm = min(1.0, (step + 1) / args.lr_warmup_steps) if args.lr_warmup_steps else 1.0
+    if args.warmdown_fraction > 0:
+        left = 1.0 - training_progress(step, elapsed_ms, args)
+        return warm * min(1.0, left / args.warmdown_fraction)
+    if args.warmdown_iters <= 0:
+        return warm
+    down = min(1.0, max(args.iterations - step, 0) / args.warmdown_iters)
+    if training_seconds(args) > 0 and step_ms > 0:
+        remaining_ms = max(1000.0 * training_seconds(args) - elapsed_ms, 0.0)
+        down = min(down, remaining_ms / (args.warmdown_iters * step_ms))
+    return warm * down
 
 
 class WeightEMA:
@@ -1098,6 +1147,85 @@ def apply_schedules(optimizers: list[torch.optim.Optimizer], args: Hyperparamete
                 group["momentum"] = momentum
 
 
+def optimizer_step(compiled: nn.Module, model: nn.Module, loader: DistributedTokenLoader,
+                   optimizers: list[torch.optim.Optimizer], args: Hyperparameters, rt: Runtime, accum: int,
+                   micro_tokens: int, step: int, scale: float) -> Tensor:
+    """Training step `step` at LR multiplier `scale`: forward/backward, clipping, the optimizers, zeroed gradients.
+    Returns the mean cross-entropy as a device tensor; nothing here reads a device value back to the host."""
+    apply_schedules(optimizers, args, step, scale)
+    loss = train_step(compiled, loader, args, rt, accum, micro_tokens)
+    if args.grad_clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_norm)
+    for opt in optimizers:
+        opt.step()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    return loss
+
+
+class StopVote:
+    """Whether every rank stops after a step, without a host sync inside the step.
+
+    Every step posts its local reasons (STOP_REASONS) as one tensor, all-reduced with MAX on every rank at
+    every step, so all ranks take the same collective whatever the clock says. The result is copied to a
+    (pinned) host buffer and read one step later, when the device has finished that step, so the read does
+    not drain the queue. A decision therefore takes effect one step after the step it was posted for.
+    """
+
+    STOP_REASONS = ("time_up", "non_finite_loss")
+
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+        self.host = torch.zeros(len(self.STOP_REASONS), pin_memory=rt.device.type == "cuda")
+        self.copied = torch.cuda.Event() if rt.device.type == "cuda" else None
+        self.posted_step: int | None = None
+
+    def post(self, step: int, time_up: bool, loss: Tensor) -> None:
+        non_finite = (~torch.isfinite(loss)).float()
+        flags = torch.stack((non_finite.new_full((), float(time_up)), non_finite))  # a fill, not a host copy
+        self.rt.all_reduce(flags, op=dist.ReduceOp.MAX)
+        self.host.copy_(flags, non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
+        self.posted_step = step
+
+    def take(self) -> tuple[int, dict[str, bool]] | None:
+        """(step, reason -> bool) of the last post, once; None when nothing is posted."""
+        if self.posted_step is None:
+            return None
+        if self.copied is not None:
+            self.copied.synchronize()
+        step, self.posted_step = self.posted_step, None
+        return step, {name: value > 0 for name, value in zip(self.STOP_REASONS, self.host.tolist())}
+
+
+PROGRESS_SECONDS = 30.0  # a progress line at least this often, whatever TRAIN_LOG_EVERY says
+
+
+class Progress:
+    """Progress lines for a long loop (rank 0 logs): at most one per PROGRESS_SECONDS, with an ETA."""
+
+    def __init__(self, log: Logger, label: str, total: int = 0):
+        self.log, self.label, self.total, self.done = log, label, total, 0  # the loop sets total when it knows it
+        self.t0 = self.last = time.perf_counter()
+
+    def advance(self, count: int) -> None:
+        self.done += count
+        now = time.perf_counter()
+        if now - self.last >= PROGRESS_SECONDS and 0 < self.done < self.total:
+            self.last = now
+            elapsed = now - self.t0
+            self.log(f"{self.label} progress:{self.done}/{self.total} elapsed:{elapsed:.0f}s "
+                     f"eta:{elapsed * (self.total - self.done) / self.done:.0f}s")
+
+
+def step_label(step: int, elapsed_ms: float, args: Hyperparameters) -> str:
+    """`step:S/N` for a run bound by ITERATIONS; `step:S time:T/Bs` for one bound by the wall clock."""
+    if training_seconds(args) > 0:
+        return f"step:{step} time:{elapsed_ms / 1000.0:.0f}s/{training_seconds(args):.0f}s"
+    return f"step:{step}/{args.iterations}"
+
+
 def peak_memory_mib(rt: Runtime) -> float:
     if rt.device.type == "cuda":
         return torch.cuda.max_memory_allocated(rt.device) / 2**20
@@ -1116,7 +1244,7 @@ def train(args: Hyperparameters, rt: Runtime, log: Logger, model: GPT, val_ctx: 
         from torch.nn.parallel import DistributedDataParallel
         compiled = DistributedDataParallel(compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
                                            broadcast_buffers=False)
-    optimizers, groups = build_optimizers(model, args, fused=rt.device.type == "cuda")
+    optimizers, groups = build_optimizers(model, args, fused=rt.device.type == "cuda", compile_ns=use_compile(args, rt))
     sizes = {name: p.numel() for name, p in model.named_parameters()}
     for kind, names in groups.items():
         log(f"param_group:{kind} tensors:{len(names)} params:{sum(sizes[n] for n in names)}")
@@ -1124,23 +1252,30 @@ def train(args: Hyperparameters, rt: Runtime, log: Logger, model: GPT, val_ctx: 
     log(f"grad_accum_steps:{accum} micro_batch_tokens_per_rank:{micro_tokens}")
     train_pattern = os.path.join(args.data_path, "fineweb_train_*.bin")
 
-    def zero_grads() -> None:
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
+    def synchronize() -> None:
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
 
-    if args.warmup_steps:  # compile and allocator warm-up on training tokens; the weights are restored after
+    # Compile and allocator warm-up on training tokens; the weights and optimizer state are restored after.
+    # Its steps after the first (which compiles) also time a step, for the WARMDOWN_ITERS projection.
+    warmup_step_ms = 0.0
+    if args.warmup_steps:
         initial_model = copy.deepcopy(model.state_dict())
         initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
         warm_loader = DistributedTokenLoader(train_pattern, model.tok_emb.num_embeddings, rt.rank, rt.world_size, rt.device)
-        for _ in range(args.warmup_steps):
-            train_step(compiled, warm_loader, args, rt, accum, micro_tokens)
-            for opt in optimizers:
-                opt.step()
-            zero_grads()
+        for i in range(args.warmup_steps):
+            if i == 1:
+                synchronize()
+                t_warm = time.perf_counter()
+            optimizer_step(compiled, model, warm_loader, optimizers, args, rt, accum, micro_tokens, 0, 1.0)
+        if args.warmup_steps > 1:
+            synchronize()
+            warmup_step_ms = 1000.0 * (time.perf_counter() - t_warm) / (args.warmup_steps - 1)
         model.load_state_dict(initial_model)
         for opt, state in zip(optimizers, initial_opts):
             opt.load_state_dict(state)
-        log(f"warmup_steps:{args.warmup_steps} done (weights and optimizer state restored)")
+        log(f"warmup_steps:{args.warmup_steps} done (weights and optimizer state restored) "
+            f"step_ms:{warmup_step_ms:.1f}")
 
     loader = DistributedTokenLoader(train_pattern, model.tok_emb.num_embeddings, rt.rank, rt.world_size, rt.device)
     ema = None
@@ -1149,52 +1284,56 @@ def train(args: Hyperparameters, rt: Runtime, log: Logger, model: GPT, val_ctx: 
         raise ConfigError(f"CALIB_MAX_SECONDS={args.calib_max_seconds} leaves no training time in "
                           f"MAX_WALLCLOCK_SECONDS={args.max_wallclock_seconds}")
     tokens_per_step = args.train_batch_tokens
-    train_ms, step, last_loss, stop_step = 0.0, 0, float("nan"), args.iterations
-    if rt.device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    vote = StopVote(rt)
+    train_ms, step, last_logged_loss, stop_step = 0.0, 0, float("nan"), args.iterations
+    synchronize()
+    t0 = last_log = time.perf_counter()
+
+    def check_vote() -> None:
+        """Act on the decision posted for the previous step: fail on a non-finite loss, stop when time is up."""
+        nonlocal stop_step
+        decided = vote.take()
+        if decided is None:
+            return
+        decided_step, reasons = decided
+        if reasons["non_finite_loss"]:
+            raise FloatingPointError(f"non-finite training loss at step {decided_step}; last logged train_loss:"
+                                     f"{last_logged_loss:.4f}; lower the learning rates or enable GRAD_CLIP_NORM")
+        if reasons["time_up"]:
+            stop_step = min(stop_step, step)  # every rank reads the same vote, so every rank stops at this step
+
     while True:
-        last_step = step == stop_step
-        if last_step or (args.val_loss_every and step % args.val_loss_every == 0 and step > 0):
-            if rt.device.type == "cuda":
-                torch.cuda.synchronize()
+        if step == stop_step or (args.val_loss_every and step % args.val_loss_every == 0 and step > 0):
+            synchronize()
             train_ms += 1000.0 * (time.perf_counter() - t0)
-            totals = reduce_scored(evaluate_windows(model, val_ctx, val_ctx.seq_len, rt), rt)
-            log(f"step:{step}/{args.iterations} val_loss:{totals.val_loss:.4f} val_bpb:{totals.val_bpb:.4f} "
+            check_vote()  # the last step's vote too: a non-finite loss never reaches the exported weights
+            totals = reduce_scored(evaluate_windows(model, val_ctx, val_ctx.seq_len, rt,
+                                                    progress=Progress(log, f"val step:{step}")), rt)
+            log(f"{step_label(step, train_ms, args)} val_loss:{totals.val_loss:.4f} val_bpb:{totals.val_bpb:.4f} "
                 f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
             t0 = time.perf_counter()
-        if last_step:
+        if step >= stop_step:
             break
         elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
-        scale = lr_scale(step, elapsed_ms, args)
-        apply_schedules(optimizers, args, step, scale)
-        loss = train_step(compiled, loader, args, rt, accum, micro_tokens)
-        if args.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_norm)
-        for opt in optimizers:
-            opt.step()
-        zero_grads()
+        step_ms = elapsed_ms / step if step else warmup_step_ms
+        scale = lr_scale(step, elapsed_ms, args, step_ms)
+        loss = optimizer_step(compiled, model, loader, optimizers, args, rt, accum, micro_tokens, step, scale)
         step += 1
         if args.ema_decay > 0:
             if ema is None and training_progress(step, elapsed_ms, args) >= args.ema_start_frac:
                 ema = WeightEMA(model, args.ema_decay)
             elif ema is not None:
                 ema.update(model)
-        # One all-reduce decides for every rank: stop on time, or stop on a non-finite loss.
-        elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
-        flags = torch.stack((torch.tensor(float(max_ms > 0 and elapsed_ms >= max_ms), device=rt.device),
-                             (~torch.isfinite(loss)).float()))
-        flags = rt.all_reduce(flags, op=dist.ReduceOp.MAX).tolist()
-        if flags[1]:
-            raise FloatingPointError(f"non-finite training loss at step {step}; last finite train_loss:{last_loss:.4f} "
-                                     f"lr_scale:{scale:.3f}; lower the learning rates or enable GRAD_CLIP_NORM")
-        last_loss = float(loss)
-        if step % args.train_log_every == 0 or step == 1:
-            log(f"step:{step}/{args.iterations} train_loss:{last_loss:.4f} lr_scale:{scale:.3f} "
+        check_vote()
+        now = time.perf_counter()
+        elapsed_ms = train_ms + 1000.0 * (now - t0)
+        # The vote takes effect one step later: stop when the next step would end past the cap.
+        vote.post(step, max_ms > 0 and elapsed_ms + elapsed_ms / step >= max_ms, loss)
+        if step % args.train_log_every == 0 or step == 1 or (rt.is_main and now - last_log >= PROGRESS_SECONDS):
+            last_log, last_logged_loss = now, float(loss)
+            log(f"{step_label(step, elapsed_ms, args)} train_loss:{last_logged_loss:.4f} lr_scale:{scale:.3f} "
                 f"tok_s:{step * tokens_per_step / (elapsed_ms / 1000.0):.0f} train_time:{elapsed_ms:.0f}ms "
                 f"step_avg:{elapsed_ms / step:.2f}ms remaining:{max(max_ms - elapsed_ms, 0.0) / 1000.0:.0f}s")
-        if flags[0]:
-            stop_step = step  # the cap ends training here, on every rank; the next pass validates
     train_tok_s = step * tokens_per_step / max(train_ms / 1000.0, 1e-9)
     log(f"train_done steps:{step} train_time:{train_ms:.0f}ms tok_s:{train_tok_s:.0f}")
     log(f"peak_mem_mib:{peak_memory_mib(rt):.0f}")
@@ -1729,24 +1868,40 @@ def stream_context(val_tokens: np.ndarray, tables: ByteTables, seq_len: int, bat
 
 @torch.no_grad()
 def score_windows(model: GPT, ctx: StreamContext, windows: list[Window], rt: Runtime, engram: EvalEngram | None = None,
-                  observer=None) -> Tensor:
+                  observer=None, progress: Progress | None = None) -> Tensor:
     """Per-target losses (nats, float32) of the windows' scored targets, in target order.
-    observer(targets, log_probs), when given, sees every scored row's full log-distribution."""
+    observer(targets, log_probs), when given, sees every scored row's full log-distribution.
+    A batch's inputs are one gather and its scored rows one index (all but plain chunking keep only each
+    window's new targets); the index arithmetic runs on the host, on window bounds only."""
     losses = []
+    span = np.arange(ctx.seq_len)
+    offsets = torch.arange(ctx.seq_len, device=rt.device)
     for i in range(0, len(windows), ctx.batch_windows):
         group = windows[i:i + ctx.batch_windows]
-        x = torch.stack([ctx.val[w.start:w.start + ctx.seq_len] for w in group])
+        starts = torch.tensor([w.start for w in group], device=rt.device)
         with rt.autocast():
-            hidden = model.hidden_states(x)
-        rows = torch.cat([hidden[j, w.first - w.start - 1:w.end - w.start - 1] for j, w in enumerate(group)])
-        targets = torch.cat([torch.arange(w.first, w.end, device=rt.device) for w in group])
+            hidden = model.hidden_states(ctx.val[starts[:, None] + offsets])
+        rows = hidden.reshape(-1, hidden.size(-1))
+        targets = (starts[:, None] + 1 + offsets).reshape(-1)
+        first = np.array([w.first - w.start - 1 for w in group])[:, None]
+        end = np.array([w.end - w.start - 1 for w in group])[:, None]
+        keep = ((span >= first) & (span < end)).reshape(-1)
+        if not keep.all():
+            index = torch.from_numpy(np.flatnonzero(keep)).to(rt.device)
+            rows, targets = rows[index], targets[index]
         with rt.autocast():
-            logp = torch.log_softmax(model.logits(rows).float(), dim=-1)
-        if engram is not None:
-            logp = engram.mix(logp, ctx.val, ctx.last_bos, targets)
-        if observer is not None:
-            observer(targets, logp)
-        losses.append(-logp.gather(-1, ctx.val[targets].unsqueeze(-1)).squeeze(-1))
+            logits = model.logits(rows).float()
+        if engram is None and observer is None:
+            losses.append(token_losses(logits, ctx.val[targets]))
+        else:
+            logp = torch.log_softmax(logits, dim=-1)
+            if engram is not None:
+                logp = engram.mix(logp, ctx.val, ctx.last_bos, targets)
+            if observer is not None:
+                observer(targets, logp)
+            losses.append(-logp.gather(-1, ctx.val[targets].unsqueeze(-1)).squeeze(-1))
+        if progress is not None:
+            progress.advance(int(keep.sum()))
     return torch.cat(losses) if losses else torch.zeros(0, device=rt.device)
 
 
@@ -1762,14 +1917,17 @@ def scored(ctx: StreamContext, lo: int, hi: int, losses: Tensor) -> ScoredTarget
     return ScoredTargets(targets, losses, ctx.tables.target_bytes(ctx.val[targets - 1], ctx.val[targets]))
 
 
-def evaluate_windows(model: GPT, ctx: StreamContext, stride: int, rt: Runtime, observer=None) -> ScoredTargets:
+def evaluate_windows(model: GPT, ctx: StreamContext, stride: int, rt: Runtime, observer=None,
+                     progress: Progress | None = None) -> ScoredTargets:
     """Plain (stride == seq_len) or sliding-window scoring. The global window list is fixed first and then cut
     into contiguous shares, so the windows, and the score, do not depend on the world or batch size."""
     windows = plan_windows(1, ctx.num_targets + 1, ctx.num_targets, ctx.seq_len, stride)
     mine = windows[len(windows) * rt.rank // rt.world_size:len(windows) * (rt.rank + 1) // rt.world_size]
+    if progress is not None:
+        progress.total = sum(w.end - w.first for w in mine)
     was_training = model.training
     model.eval()
-    losses = score_windows(model, ctx, mine, rt, observer=observer)
+    losses = score_windows(model, ctx, mine, rt, observer=observer, progress=progress)
     model.train(was_training)
     lo, hi = (mine[0].first, mine[-1].end) if mine else (1, 1)
     return scored(ctx, lo, hi, losses)
@@ -1823,7 +1981,8 @@ def ttt_train_on_chunk(model: GPT, ctx: StreamContext, lo: int, hi: int, optimiz
 
 
 def evaluate_streaming(model: GPT, ctx: StreamContext, args: Hyperparameters, rt: Runtime, ttt: bool,
-                       engram: bool, observer=None, events: list | None = None) -> ScoredTargets:
+                       engram: bool, observer=None, events: list | None = None,
+                       progress: Progress | None = None) -> ScoredTargets:
     """Score-first evaluation in chunks of EVAL_CHUNK_TOKENS targets: score a chunk with the current state,
     then let the chunk update the state (EvalEngram counts, TTT step), then move on. Each rank owns a
     contiguous run of chunks and starts from the artifact's weights; no gradient crosses ranks, since it
@@ -1831,6 +1990,8 @@ def evaluate_streaming(model: GPT, ctx: StreamContext, args: Hyperparameters, rt
     stride = args.sliding_eval_stride or ctx.seq_len
     chunks = score_first_chunks(ctx.num_targets, args.eval_chunk_tokens)
     mine = chunks[len(chunks) * rt.rank // rt.world_size:len(chunks) * (rt.rank + 1) // rt.world_size]
+    if progress is not None:
+        progress.total = sum(hi - lo for lo, hi in mine)
     if ttt:
         model = copy.deepcopy(model)
         chosen = ttt_parameters(model, args.ttt_scope)
@@ -1846,7 +2007,7 @@ def evaluate_streaming(model: GPT, ctx: StreamContext, args: Hyperparameters, rt
         if events is not None:
             events.append(("score", lo, hi))
         losses.append(score_windows(model, ctx, plan_windows(lo, hi, ctx.num_targets, ctx.seq_len, stride), rt,
-                                    memory, observer))
+                                    memory, observer, progress))
         if memory is not None:
             memory.absorb(ctx.val, ctx.last_bos, torch.arange(lo, hi, device=rt.device))
         if ttt and (lo, hi) != mine[-1]:  # this rank's later chunks are the only ones an update can help
@@ -1905,10 +2066,10 @@ def eval_modes(args: Hyperparameters) -> list[tuple[str, dict]]:
 
 
 def run_eval_mode(model: GPT, ctx: StreamContext, options: dict, args: Hyperparameters, rt: Runtime,
-                  observer=None, events: list | None = None) -> ScoredTargets:
+                  observer=None, events: list | None = None, progress: Progress | None = None) -> ScoredTargets:
     if options["kind"] == "windows":
-        return evaluate_windows(model, ctx, options["stride"], rt, observer)
-    return evaluate_streaming(model, ctx, args, rt, options["ttt"], options["engram"], observer, events)
+        return evaluate_windows(model, ctx, options["stride"], rt, observer, progress)
+    return evaluate_streaming(model, ctx, args, rt, options["ttt"], options["engram"], observer, events, progress)
 
 
 # -----------------------------------------------------------------------------
@@ -1962,9 +2123,10 @@ def export_and_reload(model: GPT, args: Hyperparameters, rt: Runtime, log: Logge
 
 def log_eval(log: Logger, key: str, score, rt: Runtime, args: Hyperparameters, overhead_ms: float = 0.0) -> EvalTotals:
     """Run one evaluation and print the official pair of lines. eval_time includes overhead_ms (reading and
-    decoding the artifact, warm-up); a mode over EVAL_MAX_SECONDS is flagged, and fails a submission run."""
+    decoding the artifact, warm-up); a mode over EVAL_MAX_SECONDS is flagged, and fails a submission run.
+    score(progress) runs the evaluation; progress prints its ETA while it runs."""
     t0 = time.perf_counter()
-    part = score()
+    part = score(Progress(log, key))
     totals = reduce_scored(part, rt)
     elapsed_ms = rt.all_reduce(torch.tensor(overhead_ms + 1000.0 * (time.perf_counter() - t0), device=rt.device,
                                             dtype=torch.float64), op=dist.ReduceOp.MAX).item()
@@ -2030,7 +2192,8 @@ def main(environ: dict[str, str] | None = None) -> None:
             fit_ms = 1000.0 * (time.perf_counter() - t0)
             log(f"post_training_time:{fit_ms:.0f}ms total_training_time:{summary['train_ms'] + fit_ms:.0f}ms "
                 f"of MAX_WALLCLOCK_SECONDS={args.max_wallclock_seconds}")
-        log_eval(log, "final_prequant", lambda: evaluate_windows(model, eval_ctx, args.eval_len, rt), rt, args)
+        log_eval(log, "final_prequant", lambda progress: evaluate_windows(model, eval_ctx, args.eval_len, rt,
+                                                                          progress=progress), rt, args)
         path = export_and_reload(model, args, rt, log)
     t0 = time.perf_counter()
     loaded = load_artifact(path.read_bytes(), str(path), args).to(rt.device)
@@ -2038,10 +2201,11 @@ def main(environ: dict[str, str] | None = None) -> None:
     warm_up_eval(loaded, eval_ctx, args, rt)
     load_ms = 1000.0 * (time.perf_counter() - t0)
     log(f"artifact_load_and_warmup_time:{load_ms:.0f}ms")
-    log_eval(log, f"final_{loaded.export_name}_roundtrip", lambda: evaluate_windows(loaded, eval_ctx, args.eval_len, rt),
-             rt, args, load_ms)
+    log_eval(log, f"final_{loaded.export_name}_roundtrip",
+             lambda progress: evaluate_windows(loaded, eval_ctx, args.eval_len, rt, progress=progress), rt, args, load_ms)
     for key, options in eval_modes(args):
-        log_eval(log, key, lambda: run_eval_mode(loaded, eval_ctx, options, args, rt), rt, args, load_ms)
+        log_eval(log, key, lambda progress: run_eval_mode(loaded, eval_ctx, options, args, rt, progress=progress), rt, args,
+                 load_ms)
     if rt.distributed:
         dist.destroy_process_group()
 
