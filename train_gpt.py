@@ -13,15 +13,21 @@ from __future__ import annotations
 import copy
 import difflib
 import glob
+import hashlib
 import json
 import lzma
 import math
 import os
 import platform
+import re
+import signal
 import sys
+import tempfile
+import threading
 import time
 import uuid
 import zlib
+from datetime import timedelta
 from pathlib import Path
 from typing import NamedTuple
 
@@ -43,6 +49,39 @@ ENV_PREFIXES = ("SKC_", "TTT_", "EVAL_", "CALIB_", "MUON_", "ADAM_", "EXPORT_", 
                 "WARMUP_", "QK_", "ROPE_", "MLP_", "EMBED_", "LOGIT_", "SOFTCAP_", "NUM_", "MODEL_", "TIED_", "FP_",
                 "ATTN_", "SIZE_", "SUBMISSION_")
 ENV_SUFFIXES = ("_LR",)
+
+
+# Variables of the shell, launchers and libraries that we run beside: never taken for a misspelt setting.
+FOREIGN_ENV_NAMES = frozenset(("PATH", "HOME", "USER", "SHELL", "PWD", "OLDPWD", "TERM", "LANG", "TMPDIR", "HOSTNAME",
+                               "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                               "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                               "NPROC_PER_NODE", "TORCHRUN"))
+FOREIGN_ENV_PREFIXES = ("CUDA_", "NCCL_", "TORCH", "OMP_", "MKL_", "KMP_", "PYTHON", "HF_", "LC_", "XDG_", "SSH_",
+                        "GIT_", "CONDA", "VIRTUAL_ENV", "PIP_", "TRITON_", "GLOO_", "NVIDIA_", "LD_", "MLX_", "SLURM_",
+                        "OMPI_", "PMI_", "PMIX_", "KUBERNETES_")
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance where swapping two neighbouring characters also costs one edit."""
+    rows = [list(range(len(b) + 1))]
+    for i, ca in enumerate(a, 1):
+        row = [i]
+        for j, cb in enumerate(b, 1):
+            row.append(min(rows[-1][j] + 1, row[j - 1] + 1, rows[-1][j - 1] + (ca != cb)))
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                row[j] = min(row[j], rows[-2][j - 2] + 1)
+        rows.append(row)
+    return rows[-1][-1]
+
+
+def close_setting(name: str, settings) -> str | None:
+    """The setting that `name` most likely misspells: equal up to case, or one edit away (two for names longer
+    than six characters); None when no setting is that close."""
+    upper = name.upper()
+    candidates = [(edit_distance(upper, setting), setting) for setting in settings
+                  if abs(len(setting) - len(upper)) <= 2]  # more edits than that are needed otherwise
+    distance, best = min(candidates, default=(3, ""))
+    return best if distance <= (1 if len(best) <= 6 else 2) else None
 
 
 class ConfigError(ValueError):
@@ -95,11 +134,15 @@ class Hyperparameters:
         "TOKENIZER_PATH": Setting("./data/tokenizers/fineweb_1024_bpe.model"),
         "VOCAB_SIZE": Setting(0, lo=0, hi=65536),  # 0: take it from the tokenizer
         "RUN_ID": Setting(""),  # "": generated
-        "SEED": Setting(1337, lo=0),
+        "SEED": Setting(1337, lo=0, hi=2**32 - 1),
         "LOG_DIR": Setting("logs"),
         "ARTIFACT_DIR": Setting(""),  # "": LOG_DIR
-        "DRY_RUN": Setting(False),
-        "DIST_TIMEOUT_SECONDS": Setting(1800, lo=1),  # collective timeout (export and evaluation are long on rank 0)
+        "RUN_OVERWRITE": Setting(False),  # reuse a RUN_ID whose log holds a finished run (its log and artifact go)
+        "DRY_RUN": Setting("0", choices=("0", "1", "config")),  # 1: check config and files; config: config only
+        # Collective timeouts: a rank that stops answering fails the job after DIST_STEP_TIMEOUT_SECONDS once the
+        # step loop runs; start-up, compilation, calibration, export and evaluation get DIST_TIMEOUT_SECONDS.
+        "DIST_TIMEOUT_SECONDS": Setting(900, lo=1),
+        "DIST_STEP_TIMEOUT_SECONDS": Setting(180, lo=1),
         # training schedule
         "ITERATIONS": Setting(20000, lo=1),
         "WARMUP_STEPS": Setting(20, lo=0),  # compile/allocator warm-up steps, undone before training
@@ -119,13 +162,13 @@ class Hyperparameters:
         "EMA_START_FRAC": Setting(0.5, lo=0.0, hi=1.0),
         "MODEL_COMPILE": Setting("auto", choices=("auto", "0", "1")),
         # model
-        "NUM_LAYERS": Setting(12, lo=1),
-        "MODEL_DIM": Setting(768, lo=8),
-        "NUM_HEADS": Setting(12, lo=1),
-        "NUM_KV_HEADS": Setting(4, lo=1),
-        "MLP_MULT": Setting(3.0, lo=0.25),
+        "NUM_LAYERS": Setting(12, lo=1, hi=256),
+        "MODEL_DIM": Setting(768, lo=8, hi=16384),
+        "NUM_HEADS": Setting(12, lo=1, hi=256),
+        "NUM_KV_HEADS": Setting(4, lo=1, hi=256),
+        "MLP_MULT": Setting(3.0, lo=0.25, hi=16.0),
         "MLP_ACT": Setting("relu2", choices=("relu2", "leaky_relu2")),
-        "EMBED_DIM": Setting(0, lo=0),  # 0: MODEL_DIM; smaller: factored tied embedding
+        "EMBED_DIM": Setting(0, lo=0, hi=16384),  # 0: MODEL_DIM; smaller: factored tied embedding
         "TIE_EMBEDDINGS": Setting(True),
         "TIED_EMBED_INIT_STD": Setting(0.005, lo=0.0),
         "ROPE_BASE": Setting(10000.0, lo=1.0),
@@ -136,7 +179,7 @@ class Hyperparameters:
         "SOFTCAP_TYPE": Setting("tanh", choices=("tanh", "poly")),
         "Z_LOSS_WEIGHT": Setting(0.0, lo=0.0),
         "WEIGHT_QUANT": Setting("ternary", choices=("ternary", "none")),
-        "TERNARY_GROUP_SIZE": Setting(128, lo=1),
+        "TERNARY_GROUP_SIZE": Setting(128, lo=1, hi=16384),
         "TERNARY_SCALE_FORMAT": Setting("fp16", choices=("fp16", "fp8")),  # how per-group scales are stored
         "FP_STORAGE_SIM": Setting("none", choices=("none", "fp8", "fp4")),
         "ATTN_BACKEND": Setting("auto", choices=("auto", "fa3", "fa2", "sdpa")),
@@ -215,11 +258,15 @@ class Hyperparameters:
     @classmethod
     def _reject_unknown(cls, env) -> None:
         for name in sorted(env):
-            ours = name.startswith(ENV_PREFIXES) or name.endswith(ENV_SUFFIXES)
-            if ours and name not in cls.SETTINGS:
-                close = difflib.get_close_matches(name, cls.SETTINGS, n=1)
-                hint = f"; did you mean {close[0]}?" if close else "; unset it or fix the name"
+            if name in cls.SETTINGS or name.startswith(FOREIGN_ENV_PREFIXES) or name in FOREIGN_ENV_NAMES:
+                continue
+            close = close_setting(name, cls.SETTINGS)
+            if name.startswith(ENV_PREFIXES) or name.endswith(ENV_SUFFIXES):
+                hint = f"; did you mean {close}?" if close else "; unset it or fix the name"
                 raise ConfigError(f"unknown setting {name} (its prefix or suffix is reserved for skc-golf){hint}")
+            if close:
+                raise ConfigError(f"unknown setting {name}: did you mean {close}? (a misspelt setting would silently "
+                                  "keep its default; unset the variable or fix its name)")
 
     def _check_relations(self) -> None:
         def require(ok: bool, message: str) -> None:
@@ -281,13 +328,29 @@ class ShardError(ValueError):
     """A shard file that does not follow the competition format."""
 
 
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write a file so that its final name only ever holds complete contents: a temporary name in the same folder,
+    fsync, then rename. A failure (full disk, a kill) leaves at most the temporary file, never a partial `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def read_shard_header(path: str | Path) -> int:
     """Validate a shard's header against its file length; return its token count."""
     path = Path(path)
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise ShardError(f"shard {path} does not exist") from None
+    if not path.exists():
+        raise ShardError(f"shard {path} does not exist")
+    if not path.is_file():
+        raise ShardError(f"shard {path} is not a file (a folder?): remove it or move it out of DATA_PATH")
+    size = path.stat().st_size
     if size < SHARD_HEADER_BYTES:
         raise ShardError(f"shard {path} is {size} bytes, shorter than the {SHARD_HEADER_BYTES}-byte header; "
                          "the file is truncated: rebuild it with `python data/prepare.py`")
@@ -311,7 +374,7 @@ def read_shard(path: str | Path) -> np.ndarray:
 
 
 def write_shard(path: str | Path, tokens: np.ndarray) -> None:
-    """Write tokens (all < 65536) in the competition shard format."""
+    """Write tokens (all < 65536) in the competition shard format, atomically."""
     tokens = np.asarray(tokens)
     if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= 1 << 16):
         raise ShardError(f"token ids must lie in [0, 65536) to fit uint16; got range [{tokens.min()}, {tokens.max()}]")
@@ -319,20 +382,42 @@ def write_shard(path: str | Path, tokens: np.ndarray) -> None:
     header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, tokens.size
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(tokens.astype("<u2", copy=False).tobytes())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, header.tobytes() + tokens.astype("<u2", copy=False).tobytes())
 
 
-def shard_files(pattern: str) -> list[str]:
-    """Sorted shard paths matching a glob; a clear error when none match."""
+def shard_files(data_path: str, split: str) -> list[str]:
+    """Sorted paths of a split's shards in DATA_PATH (taken literally: `[` or `*` in it are not patterns)."""
+    pattern = os.path.join(glob.escape(data_path), f"fineweb_{split}_*.bin")
     files = sorted(glob.glob(pattern))
     if not files:
-        raise ShardError(f"no shards match {pattern!r}: download them with `python data/prepare.py download` "
-                         "or build them from local text with `python data/prepare.py build`")
+        raise ShardError(f"no {split} shards fineweb_{split}_*.bin in DATA_PATH={data_path}: download them with "
+                         "`python data/prepare.py download` or build them from local text with `python data/prepare.py build`")
     return files
+
+
+def shard_headers(data_path: str, split: str) -> tuple[list[str], list[int]]:
+    """A split's shard files and their token counts, every header and size checked; a split without tokens fails
+    here (an empty training stream would otherwise be waited on forever)."""
+    files = shard_files(data_path, split)
+    counts = [read_shard_header(path) for path in files]
+    if sum(counts) == 0:
+        raise ShardError(f"the {split} shards in DATA_PATH={data_path} hold no tokens ({len(files)} files of 0 "
+                         "tokens): rebuild them with `python data/prepare.py build` or re-download them")
+    return files, counts
+
+
+def check_token_ranges(files: list[str], counts: list[int], vocab_size: int, rt: Runtime) -> None:
+    """Every token id below the vocabulary size: a vectorised max per shard, each rank scanning its share and one
+    all-reduce sharing the maxima, so that a bad shard stops the run before step 1, not when training reaches it."""
+    largest = torch.zeros(len(files), dtype=torch.float64, device=rt.device)
+    for index in range(rt.rank, len(files), rt.world_size):
+        if counts[index]:
+            tokens = np.memmap(files[index], dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(counts[index],))
+            largest[index] = float(tokens.max())
+    for path, top in zip(files, rt.all_reduce(largest, op=dist.ReduceOp.MAX).tolist()):
+        if top >= vocab_size:
+            raise ShardError(f"shard {path} holds token id {int(top)} >= the tokenizer's vocabulary of {vocab_size}: "
+                             "the shards and TOKENIZER_PATH do not match")
 
 
 class TokenStream:
@@ -346,20 +431,24 @@ class TokenStream:
         self.pos = 0
 
     def _next_file(self) -> None:
-        self.file_index = (self.file_index + 1) % len(self.files)
-        path = self.files[self.file_index]
-        self.tokens = read_shard(path)
-        if self.tokens.size and int(self.tokens.max()) >= self.vocab_size:
+        for _ in self.files:  # skip empty shards, but never loop forever over shards that are all empty
+            self.file_index = (self.file_index + 1) % len(self.files)
+            path = self.files[self.file_index]
+            self.tokens = read_shard(path)
+            self.pos = 0
+            if self.tokens.size:
+                break
+        else:
+            raise ShardError(f"the shards {self.files[0]} ... hold no tokens")
+        if int(self.tokens.max()) >= self.vocab_size:
             raise ShardError(f"shard {path} holds token id {int(self.tokens.max())} >= VOCAB_SIZE={self.vocab_size}: "
                              "the shards and the tokenizer do not match")
-        self.pos = 0
 
     def take(self, n: int) -> np.ndarray:
         parts, left = [], n
         while left > 0:
             if self.pos >= self.tokens.size:
                 self._next_file()
-                continue
             k = min(left, self.tokens.size - self.pos)
             parts.append(self.tokens[self.pos:self.pos + k])
             self.pos += k
@@ -376,8 +465,8 @@ class DistributedTokenLoader:
     one batch ahead of what next_batch has returned.
     """
 
-    def __init__(self, pattern: str, vocab_size: int, rank: int, world_size: int, device: torch.device):
-        self.stream = TokenStream(shard_files(pattern), vocab_size)
+    def __init__(self, data_path: str, vocab_size: int, rank: int, world_size: int, device: torch.device):
+        self.stream = TokenStream(shard_files(data_path, "train"), vocab_size)
         self.rank, self.world_size, self.device = rank, world_size, device
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.prefetched: tuple[int, Tensor] | None = None  # (local tokens, its span on the device)
@@ -453,7 +542,44 @@ def load_tokenizer(path: str):
     if not Path(path).is_file():
         raise FileNotFoundError(f"tokenizer {path} not found: set TOKENIZER_PATH, or get one with "
                                 "`python data/prepare.py download` / `python data/prepare.py build`")
-    return spm.SentencePieceProcessor(model_file=path)
+    try:
+        sp = spm.SentencePieceProcessor(model_file=path)
+    except (RuntimeError, OSError) as error:
+        raise ConfigError(f"TOKENIZER_PATH={path} is not a SentencePiece model ({str(error).strip()[:200]}): point it "
+                          "at the .model file the shards were built with") from None
+    if sp.vocab_size() <= BOS_ID:
+        raise ConfigError(f"TOKENIZER_PATH={path} has {sp.vocab_size()} pieces: not a usable tokenizer")
+    return sp
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_dataset_manifest(args: Hyperparameters, vocab_size: int) -> None:
+    """Where DATA_PATH holds the manifest.json that `data/prepare.py` writes, the tokenizer must be the one the
+    shards were encoded with: same vocabulary size and same file (sha256). Ids of another tokenizer of the same size
+    are all in range, so nothing else would notice, and the score would be plausible and wrong."""
+    path = Path(args.data_path) / "manifest.json"
+    if not path.is_file():
+        return
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        built_vocab, built_sha = manifest.get("vocab_size"), manifest.get("tokenizer_sha256")
+    except (ValueError, AttributeError) as error:
+        raise ShardError(f"{path} is not a data manifest ({error}): rebuild the data set or remove the file") from None
+    source = f"the shards in DATA_PATH={args.data_path} were encoded with {manifest.get('tokenizer_path')}"
+    if built_vocab is not None and built_vocab != vocab_size:
+        raise ConfigError(f"{source} ({built_vocab} tokens, says {path.name}) but TOKENIZER_PATH={args.tokenizer_path} "
+                          f"has {vocab_size}: point TOKENIZER_PATH at the tokenizer the shards were built with")
+    if built_sha is not None and built_sha != sha256_file(args.tokenizer_path):
+        raise ConfigError(f"{source} (sha256 {built_sha[:12]}..., says {path.name}) but TOKENIZER_PATH="
+                          f"{args.tokenizer_path} is a different file: point TOKENIZER_PATH at the tokenizer the shards "
+                          "were built with")
 
 
 def check_tokenizer_spec(args: Hyperparameters, vocab_size: int) -> None:
@@ -470,16 +596,18 @@ def check_tokenizer_spec(args: Hyperparameters, vocab_size: int) -> None:
                                   f"tokenizer has {vocab_size}: point DATA_PATH and TOKENIZER_PATH at the same variant")
 
 
-def load_validation_tokens(pattern: str, seq_len: int, vocab_size: int, max_tokens: int = 0) -> np.ndarray:
+def load_validation_tokens(data_path: str, seq_len: int, vocab_size: int, max_tokens: int = 0) -> np.ndarray:
     """The validation stream, cut to whole sequences plus one token (as the official script does)."""
-    tokens = np.concatenate([read_shard(f) for f in shard_files(pattern)])
+    tokens = np.concatenate([read_shard(f) for f in shard_files(data_path, "val")])
     if max_tokens:
         tokens = tokens[:max_tokens + 1]
     usable = (tokens.size - 1) // seq_len * seq_len
     if usable <= 0:
-        raise ShardError(f"validation split {pattern} has {tokens.size} tokens, fewer than one sequence of {seq_len}")
+        raise ShardError(f"the validation split in DATA_PATH={data_path} has {tokens.size} tokens, fewer than one "
+                         f"sequence of {seq_len}")
     if int(tokens.max()) >= vocab_size:
-        raise ShardError(f"validation split {pattern} holds token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}")
+        raise ShardError(f"the validation split in DATA_PATH={data_path} holds token id {int(tokens.max())} >= "
+                         f"VOCAB_SIZE={vocab_size}")
     return tokens[:usable + 1]
 
 
@@ -1020,11 +1148,70 @@ def init_runtime(args: Hyperparameters) -> Runtime:
     else:
         device = torch.device("cpu")
     if distributed:
-        from datetime import timedelta
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None,
                                 timeout=timedelta(seconds=args.dist_timeout_seconds))
     return Runtime(rank, world_size, local_rank, device, distributed)
+
+
+def set_collective_timeout(rt: Runtime, seconds: float) -> None:
+    """How long a collective may wait for the slowest rank before the job fails (NCCL's watchdog aborts the
+    process; gloo raises). Short in the step loop, where ranks stay in lockstep; long around compilation,
+    calibration, export and evaluation, where one rank can legitimately run minutes ahead."""
+    if rt.distributed:
+        dist.distributed_c10d._set_pg_timeout(timedelta(seconds=seconds))
+
+
+class RunStopped(Exception):
+    """A signal ended the run; the message says where, the exit status follows the shell's 128 + signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_status = 128 + signum
+
+
+class RunStatus:
+    """Where the run is (phase, step), for the line that says why it stopped, and whether SIGTERM arrived.
+
+    SIGTERM in the step loop only sets a flag: the per-step all-reduce carries it, so every rank stops after the
+    same step. Anywhere else it stops the run at once. SIGINT keeps Python's KeyboardInterrupt."""
+
+    def __init__(self):
+        self.phase, self.step, self.sigterm = "start-up", 0, False
+        self.artifact: Path | None = None  # written by this run; renamed when the run fails after export
+        self._previous_handler = None
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.sigterm = True
+        if self.phase != "training":
+            raise RunStopped(f"SIGTERM during {self.phase}", signum)
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def uninstall(self) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+
+
+def together(rt: Runtime, check):
+    """Run a check that may fail on some ranks only (files, rank 0's outputs); when it fails anywhere, it fails on
+    every rank with the first failing rank's message, so that no rank goes on to wait in a collective that the
+    failed one never reaches. Returns check()'s result."""
+    try:
+        result, error = check(), None
+    except START_UP_ERRORS as caught:
+        result, error = None, caught
+    if rt.distributed:
+        messages = [None] * rt.world_size
+        dist.all_gather_object(messages, None if error is None else str(error))
+        failed = next((rank for rank, message in enumerate(messages) if message is not None), None)
+        if error is None and failed is not None:
+            raise ConfigError(f"rank {failed}: {messages[failed]}")
+    if error is not None:
+        raise error
+    return result
 
 
 class Logger:
@@ -1033,8 +1220,12 @@ class Logger:
     def __init__(self, path: Path | None):
         self.path = path
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text("")
+            except OSError as error:
+                raise ConfigError(f"cannot write the log {path} ({error.strerror}): set LOG_DIR to a folder you "
+                                  "can write") from None
 
     def __call__(self, line: str) -> None:
         if self.path is None:
@@ -1172,7 +1363,7 @@ class StopVote:
     not drain the queue. A decision therefore takes effect one step after the step it was posted for.
     """
 
-    STOP_REASONS = ("time_up", "non_finite_loss")
+    STOP_REASONS = ("time_up", "non_finite_loss", "sigterm")
 
     def __init__(self, rt: Runtime):
         self.rt = rt
@@ -1180,9 +1371,10 @@ class StopVote:
         self.copied = torch.cuda.Event() if rt.device.type == "cuda" else None
         self.posted_step: int | None = None
 
-    def post(self, step: int, time_up: bool, loss: Tensor) -> None:
+    def post(self, step: int, time_up: bool, loss: Tensor, sigterm: bool = False) -> None:
         non_finite = (~torch.isfinite(loss)).float()
-        flags = torch.stack((non_finite.new_full((), float(time_up)), non_finite))  # a fill, not a host copy
+        flags = torch.stack((non_finite.new_full((), float(time_up)), non_finite,  # fills, not host copies
+                             non_finite.new_full((), float(sigterm))))
         self.rt.all_reduce(flags, op=dist.ReduceOp.MAX)
         self.host.copy_(flags, non_blocking=True)
         if self.copied is not None:
@@ -1237,8 +1429,10 @@ def use_compile(args: Hyperparameters, rt: Runtime) -> bool:
     return args.model_compile == "1" or (args.model_compile == "auto" and rt.device.type == "cuda")
 
 
-def train(args: Hyperparameters, rt: Runtime, log: Logger, model: GPT, val_ctx: StreamContext) -> dict[str, float]:
+def train(args: Hyperparameters, rt: Runtime, log: Logger, model: GPT, val_ctx: StreamContext,
+          status: RunStatus) -> dict[str, float]:
     """Warm-up, then the timed step loop; returns the training summary. Stops on every rank at the same step."""
+    status.phase = "compilation and warm-up"
     compiled = torch.compile(model, dynamic=False) if use_compile(args, rt) else model
     if rt.distributed:
         from torch.nn.parallel import DistributedDataParallel
@@ -1250,7 +1444,6 @@ def train(args: Hyperparameters, rt: Runtime, log: Logger, model: GPT, val_ctx: 
         log(f"param_group:{kind} tensors:{len(names)} params:{sum(sizes[n] for n in names)}")
     accum, micro_tokens = grad_accum_steps(args, rt.world_size)
     log(f"grad_accum_steps:{accum} micro_batch_tokens_per_rank:{micro_tokens}")
-    train_pattern = os.path.join(args.data_path, "fineweb_train_*.bin")
 
     def synchronize() -> None:
         if rt.device.type == "cuda":
@@ -1262,7 +1455,7 @@ def train(args: Hyperparameters, rt: Runtime, log: Logger, model: GPT, val_ctx: 
     if args.warmup_steps:
         initial_model = copy.deepcopy(model.state_dict())
         initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-        warm_loader = DistributedTokenLoader(train_pattern, model.tok_emb.num_embeddings, rt.rank, rt.world_size, rt.device)
+        warm_loader = DistributedTokenLoader(args.data_path, model.tok_emb.num_embeddings, rt.rank, rt.world_size, rt.device)
         for i in range(args.warmup_steps):
             if i == 1:
                 synchronize()
@@ -1277,7 +1470,7 @@ def train(args: Hyperparameters, rt: Runtime, log: Logger, model: GPT, val_ctx: 
         log(f"warmup_steps:{args.warmup_steps} done (weights and optimizer state restored) "
             f"step_ms:{warmup_step_ms:.1f}")
 
-    loader = DistributedTokenLoader(train_pattern, model.tok_emb.num_embeddings, rt.rank, rt.world_size, rt.device)
+    loader = DistributedTokenLoader(args.data_path, model.tok_emb.num_embeddings, rt.rank, rt.world_size, rt.device)
     ema = None
     max_ms = 1000.0 * training_seconds(args)
     if args.max_wallclock_seconds > 0 and max_ms <= 0:
@@ -1288,6 +1481,7 @@ def train(args: Hyperparameters, rt: Runtime, log: Logger, model: GPT, val_ctx: 
     train_ms, step, last_logged_loss, stop_step = 0.0, 0, float("nan"), args.iterations
     synchronize()
     t0 = last_log = time.perf_counter()
+    status.phase = "training"
 
     def check_vote() -> None:
         """Act on the decision posted for the previous step: fail on a non-finite loss, stop when time is up."""
@@ -1296,6 +1490,8 @@ def train(args: Hyperparameters, rt: Runtime, log: Logger, model: GPT, val_ctx: 
         if decided is None:
             return
         decided_step, reasons = decided
+        if reasons["sigterm"]:
+            raise RunStopped(f"SIGTERM: every rank stopped after step {step}", signal.SIGTERM)
         if reasons["non_finite_loss"]:
             raise FloatingPointError(f"non-finite training loss at step {decided_step}; last logged train_loss:"
                                      f"{last_logged_loss:.4f}; lower the learning rates or enable GRAD_CLIP_NORM")
@@ -1324,16 +1520,23 @@ def train(args: Hyperparameters, rt: Runtime, log: Logger, model: GPT, val_ctx: 
                 ema = WeightEMA(model, args.ema_decay)
             elif ema is not None:
                 ema.update(model)
+        status.step = step
+        if step == 1:  # compiled and in lockstep from here on: a rank that stops answering fails the job soon
+            set_collective_timeout(rt, args.dist_step_timeout_seconds)
         check_vote()
         now = time.perf_counter()
         elapsed_ms = train_ms + 1000.0 * (now - t0)
         # The vote takes effect one step later: stop when the next step would end past the cap.
-        vote.post(step, max_ms > 0 and elapsed_ms + elapsed_ms / step >= max_ms, loss)
+        vote.post(step, max_ms > 0 and elapsed_ms + elapsed_ms / step >= max_ms, loss, status.sigterm)
         if step % args.train_log_every == 0 or step == 1 or (rt.is_main and now - last_log >= PROGRESS_SECONDS):
             last_log, last_logged_loss = now, float(loss)
             log(f"{step_label(step, elapsed_ms, args)} train_loss:{last_logged_loss:.4f} lr_scale:{scale:.3f} "
                 f"tok_s:{step * tokens_per_step / (elapsed_ms / 1000.0):.0f} train_time:{elapsed_ms:.0f}ms "
                 f"step_avg:{elapsed_ms / step:.2f}ms remaining:{max(max_ms - elapsed_ms, 0.0) / 1000.0:.0f}s")
+    set_collective_timeout(rt, args.dist_timeout_seconds)
+    status.phase = "post-training"
+    if status.sigterm:  # arrived after the last vote was posted (during the final validation)
+        raise RunStopped(f"SIGTERM: stopped after the last step {step}", signal.SIGTERM)
     train_tok_s = step * tokens_per_step / max(train_ms / 1000.0, 1e-9)
     log(f"train_done steps:{step} train_time:{train_ms:.0f}ms tok_s:{train_tok_s:.0f}")
     log(f"peak_mem_mib:{peak_memory_mib(rt):.0f}")
@@ -1358,8 +1561,7 @@ CALIB_SCALE_MULTS = (0.9, 0.95, 1.05, 1.1)
 def calibration_batch(args: Hyperparameters, rt: Runtime) -> tuple[Tensor, Tensor]:
     """This rank's share of CALIB_TOKENS training tokens, from the start of the training stream."""
     local_tokens = max(args.train_seq_len, args.calib_tokens // rt.world_size // args.train_seq_len * args.train_seq_len)
-    loader = DistributedTokenLoader(os.path.join(args.data_path, "fineweb_train_*.bin"), args.vocab_size, rt.rank,
-                                    rt.world_size, rt.device)
+    loader = DistributedTokenLoader(args.data_path, args.vocab_size, rt.rank, rt.world_size, rt.device)
     return loader.next_batch(local_tokens, args.train_seq_len)
 
 
@@ -1428,11 +1630,16 @@ def fit_temperature(model: GPT, args: Hyperparameters, rt: Runtime, log: Logger)
 
 
 # Artifact layout (our own format; loading never unpickles or executes anything):
-#   b"SKCG" | version u8 | codec u8 | payload length u32 | crc32 of the compressed payload u32 | payload
+#   b"SKCG" | version u8 | codec u8 | payload length u32 | crc32 of the 10 bytes before it and the payload u32 | payload
 # The decompressed payload is a u32 header length, a JSON header (model config and one record per tensor:
-# name, encoding, shape, blob offsets) and the concatenated blobs.
+# name, encoding, shape, blob offsets) and the concatenated blobs. Loading checks everything it reads before it
+# allocates: the checksum, the decompressed size, every blob's length against its shape, and the model config
+# (settings in range, shapes equal to those of the model it describes).
 ARTIFACT_MAGIC = b"SKCG"
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2
+ARTIFACT_HEADER_BYTES = 14
+ARTIFACT_MAX_PAYLOAD_BYTES = 1 << 28  # far above any 16 MB artifact; a forged one stops here, not in memory
+ARTIFACT_DTYPES = ("float16", "uint8", "int8")  # what the exporter stores
 ARTIFACT_CODECS = ("brotli", "lzma", "zlib")
 # Settings that shape the model; the artifact carries them so a loader rebuilds the same network.
 MODEL_SETTINGS = ("NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "MLP_ACT", "EMBED_DIM",
@@ -1455,13 +1662,31 @@ def compress(data: bytes, codec: str) -> bytes:
     return zlib.compress(data, 9)
 
 
-def decompress(data: bytes, codec: str) -> bytes:
-    if codec == "brotli":
-        import brotli
-        return brotli.decompress(data)
-    if codec == "lzma":
-        return lzma.decompress(data)
-    return zlib.decompress(data)
+def decompress(data: bytes, codec: str, source: str) -> bytes:
+    """The payload, refused when it does not decode or grows past ARTIFACT_MAX_PAYLOAD_BYTES."""
+    limit = ARTIFACT_MAX_PAYLOAD_BYTES + 1
+    try:
+        if codec == "brotli":
+            import brotli
+            decoder = brotli.Decompressor()
+            try:
+                payload = decoder.process(data, output_buffer_limit=limit)
+            except brotli.error as error:
+                raise ValueError(error) from None
+            complete = decoder.is_finished()
+        elif codec == "lzma":
+            decoder = lzma.LZMADecompressor()
+            payload, complete = decoder.decompress(data, max_length=limit), decoder.eof
+        else:
+            decoder = zlib.decompressobj()
+            payload, complete = decoder.decompress(data, limit), decoder.eof
+    except (ValueError, lzma.LZMAError, zlib.error) as error:
+        raise ArtifactError(f"{source}: its {codec} payload does not decode ({error})") from None
+    if len(payload) >= limit:
+        raise ArtifactError(f"{source}: its payload decompresses to more than {ARTIFACT_MAX_PAYLOAD_BYTES} bytes")
+    if not complete:
+        raise ArtifactError(f"{source}: its {codec} payload ends early (truncated before it was framed)")
+    return payload
 
 
 def resolve_codec(args: Hyperparameters) -> str:
@@ -1627,26 +1852,50 @@ def serialize_records(records: list[TensorRecord], config: dict, packing: str) -
     return len(header).to_bytes(4, "little") + header + b"".join(blobs), {**components, "header": [header]}
 
 
+def blob_bytes(key: str, encoding: str, count: int, dtype: str, packing: str) -> int:
+    """How many bytes a stored array of `count` numbers takes: packed trits, packed fp4 nibbles, or plain."""
+    if key == "trits":
+        return -(-count // (5 if packing == "base3" else 4))
+    if key == "codes" and encoding == "fp4":
+        return -(-count // 2)
+    return count * np.dtype(dtype).itemsize
+
+
+def checked_shape(shape) -> list[int]:
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ArtifactError(f"a tensor shape {shape!r} is not a list of sizes")
+    return shape
+
+
 def deserialize_records(payload: bytes) -> tuple[dict, list[TensorRecord]]:
+    """The config and tensor records; every blob's length is checked against its shape before it is read."""
     try:
         header_len = int.from_bytes(payload[:4], "little")
+        if header_len > len(payload) - 4:
+            raise ArtifactError(f"header length {header_len} runs past the end of the payload")
         header = json.loads(payload[4:4 + header_len])
         body = memoryview(payload)[4 + header_len:]
+        if header["packing"] not in ("base3", "2bit") or not isinstance(header["config"], dict):
+            raise ArtifactError("header has no valid packing or config")
         records = []
         for e in header["tensors"]:
             arrays = {}
             for key, (offset, length, dtype, shape) in e["fields"].items():
-                if offset + length > len(body):
-                    raise ArtifactError(f"tensor {e['name']} runs past the end of the payload")
+                if dtype not in ARTIFACT_DTYPES:
+                    raise ArtifactError(f"tensor {e['name']} has dtype {dtype!r}, not one of {ARTIFACT_DTYPES}")
+                count = math.prod(checked_shape(shape))
+                expected = blob_bytes(key, e["encoding"], count, dtype, header["packing"])
+                if not (isinstance(offset, int) and offset >= 0 and length == expected and offset + length <= len(body)):
+                    raise ArtifactError(f"tensor {e['name']} field {key} claims {length} bytes at offset {offset}; its "
+                                        f"shape {shape} needs {expected}, inside a body of {len(body)}")
                 data = bytes(body[offset:offset + length])
-                count = int(np.prod(shape))
                 if key == "trits":
                     arrays[key] = unpack_trits(data, count, header["packing"]).reshape(shape)
                 elif key == "codes" and e["encoding"] == "fp4":
                     arrays[key] = unpack_nibbles(data, count).reshape(shape)
                 else:
                     arrays[key] = np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape)
-            records.append(TensorRecord(e["name"], e["encoding"], tuple(e["shape"]), arrays, e["meta"]))
+            records.append(TensorRecord(e["name"], e["encoding"], tuple(checked_shape(e["shape"])), arrays, e["meta"]))
         return header["config"], records
     except (ValueError, KeyError, TypeError) as error:
         raise ArtifactError(f"artifact payload is corrupt: {error}") from None
@@ -1654,22 +1903,27 @@ def deserialize_records(payload: bytes) -> tuple[dict, list[TensorRecord]]:
 
 def frame_artifact(payload: bytes, codec: str) -> bytes:
     body = compress(payload, codec)
-    head = ARTIFACT_MAGIC + bytes((ARTIFACT_VERSION, ARTIFACT_CODECS.index(codec)))
-    return head + len(body).to_bytes(4, "little") + zlib.crc32(body).to_bytes(4, "little") + body
+    head = ARTIFACT_MAGIC + bytes((ARTIFACT_VERSION, ARTIFACT_CODECS.index(codec))) + len(body).to_bytes(4, "little")
+    return head + zlib.crc32(head + body).to_bytes(4, "little") + body
 
 
 def unframe_artifact(blob: bytes, source: str) -> bytes:
-    if len(blob) < 14 or blob[:4] != ARTIFACT_MAGIC:
-        raise ArtifactError(f"{source} is not an skc-golf artifact (bad magic or shorter than its 14-byte header)")
-    if blob[4] != ARTIFACT_VERSION or blob[5] >= len(ARTIFACT_CODECS):
-        raise ArtifactError(f"{source} has artifact version {blob[4]} / codec {blob[5]}, which this trainer cannot read")
+    if len(blob) < ARTIFACT_HEADER_BYTES or blob[:4] != ARTIFACT_MAGIC:
+        raise ArtifactError(f"{source} is not an skc-golf artifact (bad magic or shorter than its "
+                            f"{ARTIFACT_HEADER_BYTES}-byte header)")
+    if blob[4] != ARTIFACT_VERSION:
+        raise ArtifactError(f"{source} has artifact format version {blob[4]}; this trainer reads version "
+                            f"{ARTIFACT_VERSION}: export it again with this train_gpt.py")
     length, crc = int.from_bytes(blob[6:10], "little"), int.from_bytes(blob[10:14], "little")
-    body = blob[14:]
-    if len(body) != length:
-        raise ArtifactError(f"{source} is truncated: header says {length} payload bytes, file has {len(body)}")
-    if zlib.crc32(body) != crc:
-        raise ArtifactError(f"{source} is corrupt: payload checksum mismatch")
-    return decompress(body, ARTIFACT_CODECS[blob[5]])
+    body = blob[ARTIFACT_HEADER_BYTES:]
+    if len(body) < length:
+        raise ArtifactError(f"{source} is truncated: its header says {length} payload bytes, the file has {len(body)}")
+    if len(body) > length:
+        raise ArtifactError(f"{source} has {len(body) - length} bytes after its {length}-byte payload: something was "
+                            "appended to the file, or it is not the file the trainer wrote")
+    if zlib.crc32(blob[:10] + body) != crc or blob[5] >= len(ARTIFACT_CODECS):
+        raise ArtifactError(f"{source} is corrupt: checksum mismatch over its header and payload")
+    return decompress(body, ARTIFACT_CODECS[blob[5]], source)
 
 
 def export_name(args: Hyperparameters) -> str:
@@ -1708,24 +1962,60 @@ def export_model(model: GPT, args: Hyperparameters, log: Logger) -> ExportResult
     return ExportResult(blob, packing, codec, components, records)
 
 
+def artifact_model_args(config: dict, args: Hyperparameters) -> Hyperparameters:
+    """`args` with the model settings an artifact carries, each checked as strictly as an environment value (type,
+    range, choices, relations), so that a forged config fails here, before anything is allocated."""
+    model_args = copy.copy(args)
+    for name in MODEL_SETTINGS + ("VOCAB_SIZE",):
+        if name not in config:
+            raise ArtifactError(f"the artifact's config lacks {name}: it is not a file this trainer wrote")
+        value, setting = config[name], Hyperparameters.SETTINGS[name]
+        kind = type(setting.default)
+        accepted = (int, float) if kind is float else kind
+        if isinstance(value, bool) != (kind is bool) or not isinstance(value, accepted):
+            raise ArtifactError(f"the artifact's config has {name}={value!r}, not a {kind.__name__}")
+        try:
+            setattr(model_args, name.lower(), _parse_setting(name, str(value), setting))
+        except ConfigError as error:
+            raise ArtifactError(f"the artifact's config is invalid: {error}") from None
+    if model_args.vocab_size < 2:
+        raise ArtifactError(f"the artifact's config has VOCAB_SIZE={model_args.vocab_size}")
+    try:
+        model_args._check_relations()
+    except ConfigError as error:
+        raise ArtifactError(f"the artifact's config is invalid: {error}") from None
+    return model_args
+
+
+def check_record_shapes(model_args: Hyperparameters, records: list[TensorRecord]) -> None:
+    """The records must hold exactly the tensors of the model the config describes. The model is built on the meta
+    device (no memory), so a config that asks for a huge network fails here instead of allocating it."""
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in GPT(model_args, model_args.vocab_size).state_dict().items()}
+    stored = {record.name: record.shape for record in records}
+    wrong = sorted(name for name in expected.keys() | stored.keys() if expected.get(name) != stored.get(name))
+    if wrong:
+        details = ", ".join(f"{name}: config {expected.get(name)} stored {stored.get(name)}" for name in wrong[:5])
+        raise ArtifactError(f"the artifact's tensors do not match the model its config describes ({len(wrong)} "
+                            f"differ; {details}): it is corrupt or was not written by this trainer")
+
+
 def model_from_records(config: dict, records: list[TensorRecord], args: Hyperparameters) -> GPT:
     """A fresh model holding exactly the records' weights; ternary layers keep the stored scales.
     Settings the artifact does not carry (evaluation, attention backend) come from `args`."""
-    model_args = copy.copy(args)
-    for name, value in config.items():
-        if name in Hyperparameters.SETTINGS:
-            setattr(model_args, name.lower(), value)
-    model = GPT(model_args, config["VOCAB_SIZE"])
+    model_args = artifact_model_args(config, args)
+    check_record_shapes(model_args, records)
+    model = GPT(model_args, model_args.vocab_size)
     owners = {f"{prefix}.weight": m for prefix, m in model.named_modules() if isinstance(m, TernaryLinear)}
     state = {}
     for record in records:
-        tensor, scales = decode_tensor(record)
-        state[record.name] = tensor
-        if scales is not None:
-            owners[record.name].fixed_scales = scales
-    missing = set(model.state_dict()) - set(state)
-    if missing:
-        raise ArtifactError(f"the artifact lacks tensors {sorted(missing)[:5]}: it was exported by a different model")
+        try:
+            tensor, scales = decode_tensor(record)
+            state[record.name] = tensor
+            if scales is not None:
+                owners[record.name].fixed_scales = scales
+        except (RuntimeError, ValueError, KeyError, TypeError, ArithmeticError) as error:
+            raise ArtifactError(f"tensor {record.name} of the artifact does not decode ({error!r})") from None
     model.load_state_dict(state)
     model.export_name = config.get("EXPORT_NAME", "artifact")  # names the round-trip line, e.g. ternary_brotli
     return model
@@ -2104,21 +2394,52 @@ def resolve_run_id(args: Hyperparameters, rt: Runtime) -> str:
     return run_id[0]
 
 
-def export_and_reload(model: GPT, args: Hyperparameters, rt: Runtime, log: Logger) -> Path:
-    """Rank 0 writes the artifact and reports its bytes; the barrier lets every rank read the file after."""
-    path = Path(args.artifact_dir or args.log_dir) / f"{args.run_id}_model.skc"
-    if rt.is_main:
+def artifact_path(args: Hyperparameters, failure: str = "") -> Path:
+    """ARTIFACT_DIR (or LOG_DIR)/<RUN_ID>_model.skc; an over-cap or failed run's artifact says so in its name."""
+    return Path(args.artifact_dir or args.log_dir) / f"{args.run_id}_model{'.' + failure if failure else ''}.skc"
+
+
+ARTIFACT_FAILURES = ("over_cap", "failed")
+
+
+def write_artifact(path: Path, blob: bytes) -> None:
+    try:
+        atomic_write_bytes(path, blob)
+    except OSError as error:
+        raise ArtifactError(f"cannot write the artifact {path} ({error.strerror}); nothing was left under that "
+                            "name: free space in ARTIFACT_DIR or point it elsewhere") from None
+
+
+def export_and_reload(model: GPT, args: Hyperparameters, rt: Runtime, log: Logger, status: RunStatus) -> Path:
+    """Rank 0 writes the artifact and reports its bytes; every rank learns together whether that worked. In
+    SUBMISSION_MODE an artifact over the cap is kept as <RUN_ID>_model.over_cap.skc and fails the run."""
+    def export_on_rank_0() -> None:
+        if not rt.is_main:
+            return
         t0 = time.perf_counter()
         result = export_model(model, args, log)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(result.blob)
-        log(f"artifact_path:{path} packing:{result.packing} codec:{result.codec} "
+        try:
+            account_artifact(result, Path(__file__).stat().st_size, args, log)
+        except ArtifactError:
+            write_artifact(artifact_path(args, "over_cap"), result.blob)
+            log(f"artifact_path:{artifact_path(args, 'over_cap')} (over the cap: not a submission)")
+            raise
+        write_artifact(artifact_path(args), result.blob)
+        status.artifact = artifact_path(args)
+        log(f"artifact_path:{artifact_path(args)} packing:{result.packing} codec:{result.codec} "
             f"export_time:{1000.0 * (time.perf_counter() - t0):.0f}ms")
         for line in component_report(result):
             log(line)
-        account_artifact(result, Path(__file__).stat().st_size, args, log)
-    rt.barrier()
-    return path
+    together(rt, export_on_rank_0)
+    return artifact_path(args)
+
+
+def read_artifact(path: str | Path) -> tuple[dict, list[TensorRecord]]:
+    try:
+        blob = Path(path).read_bytes()
+    except OSError as error:
+        raise ArtifactError(f"cannot read the artifact {path} ({error.strerror})") from None
+    return deserialize_records(unframe_artifact(blob, str(path)))
 
 
 def log_eval(log: Logger, key: str, score, rt: Runtime, args: Hyperparameters, overhead_ms: float = 0.0) -> EvalTotals:
@@ -2143,31 +2464,171 @@ def log_eval(log: Logger, key: str, score, rt: Runtime, args: Hyperparameters, o
     return totals
 
 
-def main(environ: dict[str, str] | None = None) -> None:
-    args = Hyperparameters(environ)
-    if args.dry_run:
-        print("\n".join(args.lines()))
-        print("dry_run: configuration is valid")
-        return
-    rt = init_runtime(args)
-    run_id = resolve_run_id(args, rt)
-    args.run_id = run_id
-    log = Logger(Path(args.log_dir) / f"{run_id}.txt" if rt.is_main else None)
-    for line in args.lines() + environment_lines(rt):
-        log(line)
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    if rt.device.type == "cpu" and not rt.distributed:
-        log(f"cpu_threads:{torch.get_num_threads()}")
+# Bad input: the run stops with one `error:` line and exit status 2.
+START_UP_ERRORS = (ConfigError, ShardError, ArtifactError, FileNotFoundError)
+
+
+def check_writable_dir(label: str, folder: str) -> None:
+    """A folder the run will write into must be one, or be creatable; checked without creating anything."""
+    existing = Path(folder or ".")
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{label}={folder} cannot be a folder: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{label}={folder} is not writable ({existing} is read-only to this user): point it at a "
+                          "folder you can write")
+
+
+FINISHED_RUN = re.compile(r"^(stop_reason:completed|final_\w+_roundtrip_exact )", re.M)
+
+
+def run_log_path(args: Hyperparameters) -> Path:
+    return Path(args.log_dir) / f"{args.run_id}.txt"
+
+
+def check_outputs(args: Hyperparameters) -> None:
+    """Every output location is writable, and RUN_ID does not name a finished run (its log and artifact would be
+    replaced) unless RUN_OVERWRITE=1; no side effects, so DRY_RUN=1 runs it too."""
+    check_writable_dir("LOG_DIR", args.log_dir)
+    check_writable_dir("ARTIFACT_DIR", args.artifact_dir or args.log_dir)
+    if args.eval_dump_token_losses:
+        check_writable_dir("EVAL_DUMP_TOKEN_LOSSES", str(Path(args.eval_dump_token_losses).parent))
+    log_path = run_log_path(args)
+    if (args.run_id and not args.run_overwrite and log_path.is_file()
+            and FINISHED_RUN.search(log_path.read_text(encoding="utf-8", errors="replace"))):
+        raise ConfigError(f"RUN_ID={args.run_id} names a finished run ({log_path}); pick another RUN_ID, or set "
+                          "RUN_OVERWRITE=1 to replace its log and artifact")
+
+
+def open_run_log(args: Hyperparameters, rt: Runtime) -> Logger:
+    """Rank 0 checks the outputs, removes the artifacts an overwritten run of this RUN_ID left, and starts the log."""
+    if not rt.is_main:
+        return Logger(None)
+    check_outputs(args)
+    folder = artifact_path(args).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+        for failure in ("",) + ARTIFACT_FAILURES:
+            artifact_path(args, failure).unlink(missing_ok=True)
+    except OSError as error:
+        raise ConfigError(f"ARTIFACT_DIR={folder} is not writable ({error.strerror}): point it at a folder you "
+                          "can write") from None
+    return Logger(run_log_path(args))
+
+
+class Inputs(NamedTuple):
+    """What the start-up checks read: the tokenizer, each split's shards, and the artifact to evaluate."""
+    sp: object
+    vocab_size: int
+    shards: dict[str, tuple[list[str], list[int]]]  # split -> (files, token counts)
+    artifact: tuple[dict, list[TensorRecord]] | None
+    artifact_args: Hyperparameters | None  # args with the artifact's model settings
+    artifact_read_ms: float
+
+
+def check_inputs(args: Hyperparameters, world_size: int) -> Inputs:
+    """Everything the run reads, checked on this rank before step 1: the tokenizer (loads; matches VOCAB_SIZE, the
+    data's manifest and the named variant), every shard's header and size, the batch split, and the artifact of
+    EVAL_ARTIFACT (intact, its config in range, its vocabulary the tokenizer's)."""
     sp = load_tokenizer(args.tokenizer_path)
     vocab_size = int(sp.vocab_size())
     if args.vocab_size and args.vocab_size != vocab_size:
         raise ConfigError(f"VOCAB_SIZE={args.vocab_size} but tokenizer {args.tokenizer_path} has {vocab_size} pieces")
     check_tokenizer_spec(args, vocab_size)
-    args.vocab_size = vocab_size
-    tables = build_byte_tables(sp, vocab_size, rt.device)
-    val_tokens = load_validation_tokens(os.path.join(args.data_path, "fineweb_val_*.bin"), args.train_seq_len, vocab_size,
-                                        args.val_max_tokens)
+    check_dataset_manifest(args, vocab_size)
+    splits = ("val",) if args.eval_artifact else ("train", "val")
+    shards = {split: shard_headers(args.data_path, split) for split in splits}
+    grad_accum_steps(args, world_size)
+    artifact, artifact_args, read_ms = None, None, 0.0
+    if args.eval_artifact:
+        t0 = time.perf_counter()
+        artifact = read_artifact(args.eval_artifact)
+        artifact_args = artifact_model_args(artifact[0], args)
+        check_record_shapes(artifact_args, artifact[1])
+        read_ms = 1000.0 * (time.perf_counter() - t0)
+        if artifact_args.vocab_size != vocab_size:
+            raise ConfigError(f"EVAL_ARTIFACT={args.eval_artifact} was trained with a {artifact_args.vocab_size}-token "
+                              f"vocabulary but TOKENIZER_PATH={args.tokenizer_path} has {vocab_size}: score it with the "
+                              "tokenizer (and data) it was trained on")
+    return Inputs(sp, vocab_size, shards, artifact, artifact_args, read_ms)
+
+
+def check_all_shards(inputs: Inputs, rt: Runtime) -> str:
+    """The token range of every shard (after check_inputs agreed on every rank); returns the line to log."""
+    t0 = time.perf_counter()
+    for files, counts in inputs.shards.values():
+        check_token_ranges(files, counts, inputs.vocab_size, rt)
+    parts = [f"{split}_shards:{len(files)} {split}_tokens:{sum(counts)}" for split, (files, counts) in inputs.shards.items()]
+    return f"shard_check {' '.join(parts)} time:{1000.0 * (time.perf_counter() - t0):.0f}ms"
+
+
+def dry_run(args: Hyperparameters, environ) -> None:
+    """DRY_RUN=config checks the settings and the batch split on WORLD_SIZE processes; DRY_RUN=1 also checks every
+    file and folder, as a real run does before step 1."""
+    world_size = _parse_setting("WORLD_SIZE", environ.get("WORLD_SIZE", "1"), Setting(1, lo=1))
+    grad_accum_steps(args, world_size)
+    shown, checked = args, ""
+    if args.dry_run == "1":
+        check_outputs(args)
+        inputs = check_inputs(args, world_size)
+        print(check_all_shards(inputs, Runtime(0, 1, 0, torch.device("cpu"), False)))
+        shown, checked = inputs.artifact_args or args, "; every input and output checks out"
+    print("\n".join(shown.lines()))
+    print(f"dry_run: configuration is valid{checked}")
+
+
+def stop_reason(error: BaseException, status: RunStatus) -> str:
+    """The log's last line when a run does not complete: what stopped it, in which phase, after which step."""
+    kind = {RunStopped: "sigterm", KeyboardInterrupt: "sigint", FloatingPointError: "non_finite_loss"}.get(
+        type(error), "error")
+    message = " | ".join(str(error).splitlines()) or "interrupted"
+    return f"stop_reason:{kind} phase:{status.phase} step:{status.step} {type(error).__name__}: {message}"
+
+
+def main(environ: dict[str, str] | None = None) -> None:
+    args = Hyperparameters(environ)
+    if args.dry_run != "0":
+        dry_run(args, os.environ if environ is None else environ)
+        return
+    rt = init_runtime(args)
+    args.run_id = resolve_run_id(args, rt)
+    log = together(rt, lambda: open_run_log(args, rt))
+    status = RunStatus()
+    status.install()
+    try:
+        run(args, rt, log, status)
+    except BaseException as error:
+        if status.artifact is not None:
+            os.replace(status.artifact, artifact_path(args, "failed"))
+            log(f"artifact renamed to {artifact_path(args, 'failed')}: the run failed after writing it")
+        log(stop_reason(error, status))
+        raise
+    finally:
+        status.uninstall()
+    log(f"stop_reason:completed steps:{status.step}")
+    if rt.distributed:
+        dist.destroy_process_group()
+
+
+def run(args: Hyperparameters, rt: Runtime, log: Logger, status: RunStatus) -> None:
+    """Check every input, then train, calibrate, export and evaluate (or evaluate EVAL_ARTIFACT)."""
+    inputs = together(rt, lambda: check_inputs(args, rt.world_size))
+    shard_line = check_all_shards(inputs, rt)
+    for line in (inputs.artifact_args or args).lines() + environment_lines(rt):
+        log(line)
+    if inputs.artifact_args is not None:
+        log(f"model settings: from the artifact {args.eval_artifact}, not from the environment")
+    log(shard_line)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    if rt.device.type == "cpu" and not rt.distributed:
+        log(f"cpu_threads:{torch.get_num_threads()}")
+    vocab_size = args.vocab_size = inputs.vocab_size
+    tables = build_byte_tables(inputs.sp, vocab_size, rt.device)
+    val_tokens = load_validation_tokens(args.data_path, args.train_seq_len, vocab_size, args.val_max_tokens)
     log(f"val_tokens:{val_tokens.size - 1}")
     if args.val_max_tokens:
         log(f"WARNING: PARTIAL VALIDATION: VAL_MAX_TOKENS={args.val_max_tokens} scores {val_tokens.size - 1} tokens; "
@@ -2178,41 +2639,65 @@ def main(environ: dict[str, str] | None = None) -> None:
     eval_ctx = train_ctx if args.eval_len == args.train_seq_len else stream_context(
         val_tokens, tables, args.eval_len, args.val_batch_size, rt)
     if args.eval_artifact:
-        path = Path(args.eval_artifact)
-        log(f"eval_artifact:{path} (no training)")
+        log(f"eval_artifact:{args.eval_artifact} (no training)")
+        (config, records), read_ms = inputs.artifact, inputs.artifact_read_ms
     else:
         model = GPT(args, vocab_size).to(rt.device)
         model.set_attention_backend(backend, flash_fn)
         log("params " + " ".join(f"{k}:{v}" for k, v in count_parameters(model).items()))
-        summary = train(args, rt, log, model, train_ctx)
+        summary = train(args, rt, log, model, train_ctx, status)
         t0 = time.perf_counter()
+        status.phase = "calibration"
         calibrate_ternary(model, args, rt, log)
         fit_temperature(model, args, rt, log)
         if post_training_fits(args):
             fit_ms = 1000.0 * (time.perf_counter() - t0)
             log(f"post_training_time:{fit_ms:.0f}ms total_training_time:{summary['train_ms'] + fit_ms:.0f}ms "
                 f"of MAX_WALLCLOCK_SECONDS={args.max_wallclock_seconds}")
+        status.phase = "evaluation"
         log_eval(log, "final_prequant", lambda progress: evaluate_windows(model, eval_ctx, args.eval_len, rt,
                                                                           progress=progress), rt, args)
-        path = export_and_reload(model, args, rt, log)
+        status.phase = "export"
+        path = export_and_reload(model, args, rt, log, status)
+        t0 = time.perf_counter()
+        config, records = read_artifact(path)
+        read_ms = 1000.0 * (time.perf_counter() - t0)
+    status.phase = "evaluation"
     t0 = time.perf_counter()
-    loaded = load_artifact(path.read_bytes(), str(path), args).to(rt.device)
+    loaded = model_from_records(config, records, args).to(rt.device)
     loaded.set_attention_backend(backend, flash_fn)
     warm_up_eval(loaded, eval_ctx, args, rt)
-    load_ms = 1000.0 * (time.perf_counter() - t0)
+    load_ms = read_ms + 1000.0 * (time.perf_counter() - t0)
     log(f"artifact_load_and_warmup_time:{load_ms:.0f}ms")
     log_eval(log, f"final_{loaded.export_name}_roundtrip",
              lambda progress: evaluate_windows(loaded, eval_ctx, args.eval_len, rt, progress=progress), rt, args, load_ms)
     for key, options in eval_modes(args):
         log_eval(log, key, lambda progress: run_eval_mode(loaded, eval_ctx, options, args, rt, progress=progress), rt, args,
                  load_ms)
-    if rt.distributed:
-        dist.destroy_process_group()
+
+
+def exit_status(error: BaseException) -> int:
+    """The command line's answer to an error: one `error:` line (exit 2) for bad input, a `stopped:` line for a
+    signal, an `error:` line (exit 1) for a run that failed; a traceback only for what nobody foresaw."""
+    if isinstance(error, START_UP_ERRORS):
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if isinstance(error, RunStopped):
+        print(f"stopped: {error}", file=sys.stderr)
+        return error.exit_status
+    if isinstance(error, KeyboardInterrupt):
+        print("stopped: SIGINT", file=sys.stderr)
+        return 128 + signal.SIGINT
+    if isinstance(error, (FloatingPointError, dist.DistError)):
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    raise error
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, ShardError, ArtifactError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    except BaseException as error:  # noqa: B036 (SIGINT and SIGTERM get their own exit status)
+        if isinstance(error, SystemExit):
+            raise
+        sys.exit(exit_status(error))

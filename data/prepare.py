@@ -32,6 +32,7 @@ import shutil
 import socket
 import sys
 import sysconfig
+import tempfile
 import threading
 import time
 import tokenize
@@ -46,7 +47,7 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from train_gpt import (SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, ShardError,  # noqa: E402
-                       read_shard_header, write_shard)
+                       read_shard_header, sha256_file, write_shard)
 
 SPECS_PATH = REPO_ROOT / "tokenizer_specs.json"
 DATA_DIR = REPO_ROOT / "data"
@@ -62,17 +63,9 @@ ONLINE_CHECK_SECONDS = 5.0
 
 
 def fail(message: str) -> None:
-    """Stop with a message on stderr and exit status 1."""
+    """Stop with a message on stderr and exit status 2."""
     print(f"prepare.py: error: {message}", file=sys.stderr)
-    raise SystemExit(1)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    raise SystemExit(2)
 
 
 # -----------------------------------------------------------------------------
@@ -119,7 +112,10 @@ def iter_jsonl_docs(path: Path) -> Iterator[str]:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                fail(f"{path}:{line_no}: not a JSON line ({error.msg} at column {error.colno}); fix or remove the line")
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 fail(f"{path}:{line_no}: expected a JSON object with a string field 'text'")
             yield record["text"]
@@ -140,7 +136,10 @@ def iter_txt_docs(path: Path) -> Iterator[str]:
 def iter_file_docs(paths: Iterable[Path]) -> Iterator[str]:
     for path in paths:
         reader = iter_jsonl_docs if input_kind(path) == "jsonl" else iter_txt_docs
-        yield from reader(path)
+        try:
+            yield from reader(path)
+        except (UnicodeDecodeError, OSError, EOFError) as error:
+            fail(f"{path}: cannot be read as UTF-8 text{' (gzip)' if path.suffix == '.gz' else ''}: {error}")
 
 
 # -----------------------------------------------------------------------------
@@ -265,9 +264,18 @@ def train_tokenizer(train_docs: Iterable[str], spec: dict, out_dir: Path, vocab_
     settings = dict(spec["trainer"])
     spm.set_random_generator_seed(int(settings.pop("seed")))
     model = io.BytesIO()  # no model_prefix: the model file then holds no output path
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=trainer_sentences(train_docs, int(settings["max_sentence_length"]) - 16),
-        model_writer=model, vocab_size=vocab_size, minloglevel=2, **settings)
+    seen = []  # documents that reached the trainer
+    counted = (seen.append(1) or doc for doc in train_docs)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=trainer_sentences(counted, int(settings["max_sentence_length"]) - 16),
+            model_writer=model, vocab_size=vocab_size, minloglevel=2, **settings)
+    except RuntimeError as error:
+        if not seen:
+            fail("no training documents to train the tokenizer on: the input is empty, or --val-docs takes every "
+                 "document")
+        fail(f"SentencePiece could not train a {vocab_size}-piece tokenizer on {len(seen)} documents "
+             f"({str(error).strip().splitlines()[-1]}); give it more text or a smaller --vocab-size")
     path = out_dir / "tokenizer.model"
     path.write_bytes(model.getvalue())
     return path
@@ -351,10 +359,17 @@ def encode_documents(docs: Iterator[str], processor, val_docs: int, writers: dic
     progress.close()
 
 
-def remove_old_shards(out_dir: Path) -> None:
-    for pattern in ("fineweb_train_*.bin", "fineweb_val_*.bin", "*.bin.tmp"):
+def publish(staging: Path, out_dir: Path) -> None:
+    """Move a finished build from its staging folder into out_dir, replacing the old data set: the old manifest
+    goes first and the new one comes last, so a manifest never describes shards of another build."""
+    (out_dir / "manifest.json").unlink(missing_ok=True)
+    for pattern in ("fineweb_train_*.bin", "fineweb_val_*.bin"):
         for stale in out_dir.glob(pattern):
             stale.unlink()
+    for path in sorted(staging.iterdir()):
+        if path.name != "manifest.json":
+            os.replace(path, out_dir / path.name)
+    os.replace(staging / "manifest.json", out_dir / "manifest.json")
 
 
 # -----------------------------------------------------------------------------
@@ -377,7 +392,10 @@ def resolve_tokenizer(args, stream, out_dir: Path) -> tuple[Path, dict | None, f
 
 def load_processor(path: Path):
     import sentencepiece as spm
-    processor = spm.SentencePieceProcessor(model_file=str(path))
+    try:
+        processor = spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as error:
+        fail(f"{path} is not a SentencePiece model ({str(error).strip()[:200]})")
     if processor.get_piece_size() > MAX_UINT16_VOCAB:
         fail(f"tokenizer {path} has {processor.get_piece_size()} pieces; shards hold ids < {MAX_UINT16_VOCAB}")
     if processor.bos_id() != BOS_ID:
@@ -385,8 +403,9 @@ def load_processor(path: Path):
     return processor
 
 
-def write_manifest(out_dir: Path, args, tokenizer_path: Path, spec: dict | None, processor,
+def write_manifest(out_dir: Path, args, tokenizer_path: Path, tokenizer_file: Path, spec: dict | None, processor,
                    writers: dict[str, SplitWriter], seconds: dict) -> dict:
+    """manifest.json in out_dir; tokenizer_path is where the tokenizer will live, tokenizer_file where it is now."""
     manifest = {
         "format": {"magic": SHARD_MAGIC, "version": SHARD_VERSION, "header_int32": SHARD_HEADER_INTS,
                    "token_dtype": "uint16-le",
@@ -394,7 +413,7 @@ def write_manifest(out_dir: Path, args, tokenizer_path: Path, spec: dict | None,
         "sources": [str(Path(p).resolve()) for p in args.input] if args.input else [offline_source_description()],
         "spec": spec["name"] if spec else None,
         "tokenizer_path": str(tokenizer_path),
-        "tokenizer_sha256": sha256_file(tokenizer_path),
+        "tokenizer_sha256": sha256_file(tokenizer_file),
         "vocab_size": processor.get_piece_size(),
         "val_docs_requested": args.val_docs,
         "max_docs": args.max_docs,
@@ -420,24 +439,38 @@ def check_build_args(args) -> None:
 
 
 def cmd_build(args) -> None:
+    """Build into a staging folder inside --out and publish only a complete, checked build: a failure (bad input,
+    too few documents, a full disk, Ctrl-C) leaves --out as it was."""
     check_build_args(args)
     start = time.perf_counter()
     out_dir = Path(args.out).resolve()
+    if out_dir.exists() and not out_dir.is_dir():
+        fail(f"--out {out_dir} is a file, not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".build-", dir=out_dir))
+    try:
+        manifest = build_in(staging, out_dir, args, start)
+        publish(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print_build_summary(out_dir, manifest)
+
+
+def build_in(staging: Path, out_dir: Path, args, start: float) -> dict:
+    """Tokenizer (when trained), shards and manifest of one build, written into staging; returns the manifest."""
     stream = document_stream([Path(p) for p in args.input] if args.input else None, args.max_docs)
-    tokenizer_path, spec, tokenizer_seconds = resolve_tokenizer(args, stream, out_dir)
-    processor = load_processor(tokenizer_path)
-    remove_old_shards(out_dir)
-    writers = {split: SplitWriter(out_dir, split, args.shard_tokens) for split in ("val", "train")}
+    tokenizer_file, spec, tokenizer_seconds = resolve_tokenizer(args, stream, staging)
+    tokenizer_path = out_dir / tokenizer_file.name if spec else tokenizer_file
+    processor = load_processor(tokenizer_file)
+    writers = {split: SplitWriter(staging, split, args.shard_tokens) for split in ("val", "train")}
     encode_documents(stream(), processor, args.val_docs, writers)
     for writer in writers.values():
         writer.close()
     if writers["val"].docs < args.val_docs or writers["train"].docs == 0:
         fail(f"only {writers['val'].docs + writers['train'].docs} documents; need more than --val-docs "
-             f"{args.val_docs} so that the train split is not empty")
+             f"{args.val_docs} so that the train split is not empty ({out_dir} is left as it was)")
     seconds = {"tokenizer": tokenizer_seconds, "total": time.perf_counter() - start}
-    manifest = write_manifest(out_dir, args, tokenizer_path, spec, processor, writers, seconds)
-    print_build_summary(out_dir, manifest)
+    return write_manifest(staging, args, tokenizer_path, tokenizer_file, spec, processor, writers, seconds)
 
 
 def print_build_summary(out_dir: Path, manifest: dict) -> None:
@@ -579,4 +612,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ShardError as error:
+        fail(str(error))

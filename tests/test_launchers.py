@@ -121,7 +121,7 @@ RUN_IDENTITY = {"RUN_ID", "DRY_RUN"}  # set per run by launchers and sweeps, not
 
 def dry_run_jobs() -> dict:
     """name -> (command, env) for every env file, launcher and smoke-sweep config."""
-    base = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable}
+    base = {**os.environ, "DRY_RUN": "config", "PYTHON": sys.executable}  # the data of these configs is not here
     trainer = [sys.executable, "train_gpt.py"]
     jobs = {f"env:{path.name}": (trainer, {**base, **trainrun.read_env_file(path)}) for path in ENV_FILES}
     for path in LAUNCHERS:
@@ -130,7 +130,7 @@ def dry_run_jobs() -> dict:
     runs = sweep.plan_runs(manifest, REPO_ROOT / "logs" / "test_dry_run")
     # Seeds do not change validity, and the reference adds nothing to what the other configs check.
     for run in [run for run in runs if run.seed == manifest.seeds[0] and run.config.overrides]:
-        jobs[f"sweep:{run.config.name}"] = (trainer, {**run.env, "DRY_RUN": "1"})
+        jobs[f"sweep:{run.config.name}"] = (trainer, {**run.env, "DRY_RUN": "config"})
     return jobs
 
 

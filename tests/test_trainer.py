@@ -49,7 +49,7 @@ def test_bad_setting_stops_the_command_line_run():
 
 def test_dry_run_prints_the_resolved_configuration():
     result = subprocess.run([sys.executable, "train_gpt.py"], cwd=REPO_ROOT_FOR_TESTS, capture_output=True, text=True,
-                            env=subprocess_env({"DRY_RUN": "1", "NUM_LAYERS": "9"}))
+                            env=subprocess_env({"DRY_RUN": "config", "NUM_LAYERS": "9"}))
     assert result.returncode == 0, result.stderr
     assert "config NUM_LAYERS=9" in result.stdout and "config MODEL_DIM=768" in result.stdout
 
@@ -58,7 +58,7 @@ def test_dry_run_prints_the_resolved_configuration():
 
 def test_token_ids_beyond_the_vocabulary_raise(tmp_path):
     train_gpt.write_shard(tmp_path / "fineweb_train_000000.bin", np.array([1, 5, 900, 7], dtype=np.uint16))
-    stream = train_gpt.TokenStream(train_gpt.shard_files(str(tmp_path / "fineweb_train_*.bin")), vocab_size=512)
+    stream = train_gpt.TokenStream(train_gpt.shard_files(str(tmp_path), "train"), vocab_size=512)
     with pytest.raises(train_gpt.ShardError, match="900"):
         stream.take(2)
 

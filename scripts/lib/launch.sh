@@ -10,8 +10,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 print_launcher_usage() {
     cat <<USAGE
 usage: $0 [--dry-run]
-  --dry-run   validate the resolved config with DRY_RUN=1 python train_gpt.py
-              (no data needed, no GPU needed); same as DRY_RUN=1 in the env.
+  --dry-run   check the resolved config, the data, the tokenizer and the output
+              folders with DRY_RUN=1 python train_gpt.py (no GPU needed); same as
+              DRY_RUN=1 in the env. DRY_RUN=config checks the settings only (no data).
 Every setting is an environment variable; those already set win over the
 env files. Launcher settings: NPROC_PER_NODE, OMP_NUM_THREADS, RUN_ID, SEED,
 LOG_DIR, TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC, PYTHON, TORCHRUN.
@@ -22,7 +23,7 @@ parse_launcher_args() {
     local arg
     for arg in "$@"; do
         case $arg in
-            --dry-run) export DRY_RUN=1 ;;
+            --dry-run) [[ ${DRY_RUN:-0} != 0 ]] || export DRY_RUN=1 ;;
             -h|--help) print_launcher_usage; exit 0 ;;
             *) echo "error: unknown argument $arg" >&2; print_launcher_usage >&2; exit 2 ;;
         esac
@@ -79,8 +80,8 @@ run_launcher() {
     set_run_identity "$name"
     set_distributed_env "$default_nproc"
     print_launch_summary
-    if [[ ${DRY_RUN:-0} == 1 ]]; then
-        "${PYTHON:-python}" train_gpt.py
+    if [[ ${DRY_RUN:-0} != 0 ]]; then
+        WORLD_SIZE=$NPROC_PER_NODE "${PYTHON:-python}" train_gpt.py
         return
     fi
     require_data
