@@ -350,6 +350,8 @@ def read_shard_header(path: str | Path) -> int:
         raise ShardError(f"shard {path} does not exist")
     if not path.is_file():
         raise ShardError(f"shard {path} is not a file (a folder?): remove it or move it out of DATA_PATH")
+    if not os.access(path, os.R_OK):
+        raise ShardError(f"shard {path} is not readable by this user")
     size = path.stat().st_size
     if size < SHARD_HEADER_BYTES:
         raise ShardError(f"shard {path} is {size} bytes, shorter than the {SHARD_HEADER_BYTES}-byte header; "
@@ -1980,6 +1982,8 @@ def artifact_model_args(config: dict, args: Hyperparameters) -> Hyperparameters:
             raise ArtifactError(f"the artifact's config is invalid: {error}") from None
     if model_args.vocab_size < 2:
         raise ArtifactError(f"the artifact's config has VOCAB_SIZE={model_args.vocab_size}")
+    if not re.fullmatch(r"\w{1,40}", str(config.get("EXPORT_NAME", "artifact"))):  # it names a log line
+        raise ArtifactError(f"the artifact's config has EXPORT_NAME={config['EXPORT_NAME']!r}, not a short word")
     try:
         model_args._check_relations()
     except ConfigError as error:
@@ -2394,12 +2398,12 @@ def resolve_run_id(args: Hyperparameters, rt: Runtime) -> str:
     return run_id[0]
 
 
+ARTIFACT_FAILURES = ("over_cap", "failed")
+
+
 def artifact_path(args: Hyperparameters, failure: str = "") -> Path:
     """ARTIFACT_DIR (or LOG_DIR)/<RUN_ID>_model.skc; an over-cap or failed run's artifact says so in its name."""
     return Path(args.artifact_dir or args.log_dir) / f"{args.run_id}_model{'.' + failure if failure else ''}.skc"
-
-
-ARTIFACT_FAILURES = ("over_cap", "failed")
 
 
 def write_artifact(path: Path, blob: bytes) -> None:
@@ -2491,7 +2495,8 @@ def check_outputs(args: Hyperparameters) -> None:
     """Every output location is writable, and RUN_ID does not name a finished run (its log and artifact would be
     replaced) unless RUN_OVERWRITE=1; no side effects, so DRY_RUN=1 runs it too."""
     check_writable_dir("LOG_DIR", args.log_dir)
-    check_writable_dir("ARTIFACT_DIR", args.artifact_dir or args.log_dir)
+    if not args.eval_artifact:
+        check_writable_dir("ARTIFACT_DIR", args.artifact_dir or args.log_dir)
     if args.eval_dump_token_losses:
         check_writable_dir("EVAL_DUMP_TOKEN_LOSSES", str(Path(args.eval_dump_token_losses).parent))
     log_path = run_log_path(args)
@@ -2502,17 +2507,19 @@ def check_outputs(args: Hyperparameters) -> None:
 
 
 def open_run_log(args: Hyperparameters, rt: Runtime) -> Logger:
-    """Rank 0 checks the outputs, removes the artifacts an overwritten run of this RUN_ID left, and starts the log."""
+    """Rank 0 checks the outputs, removes the artifacts an overwritten run of this RUN_ID left, and starts the log.
+    An evaluation (EVAL_ARTIFACT) writes no artifact and may be reading this RUN_ID's: it removes none."""
     if not rt.is_main:
         return Logger(None)
     check_outputs(args)
     folder = artifact_path(args).parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-        for failure in ("",) + ARTIFACT_FAILURES:
-            artifact_path(args, failure).unlink(missing_ok=True)
+        if not args.eval_artifact:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+            for failure in ("",) + ARTIFACT_FAILURES:
+                artifact_path(args, failure).unlink(missing_ok=True)
     except OSError as error:
         raise ConfigError(f"ARTIFACT_DIR={folder} is not writable ({error.strerror}): point it at a folder you "
                           "can write") from None
@@ -2541,7 +2548,8 @@ def check_inputs(args: Hyperparameters, world_size: int) -> Inputs:
     check_dataset_manifest(args, vocab_size)
     splits = ("val",) if args.eval_artifact else ("train", "val")
     shards = {split: shard_headers(args.data_path, split) for split in splits}
-    grad_accum_steps(args, world_size)
+    if not args.eval_artifact:
+        grad_accum_steps(args, world_size)
     artifact, artifact_args, read_ms = None, None, 0.0
     if args.eval_artifact:
         t0 = time.perf_counter()
@@ -2569,7 +2577,8 @@ def dry_run(args: Hyperparameters, environ) -> None:
     """DRY_RUN=config checks the settings and the batch split on WORLD_SIZE processes; DRY_RUN=1 also checks every
     file and folder, as a real run does before step 1."""
     world_size = _parse_setting("WORLD_SIZE", environ.get("WORLD_SIZE", "1"), Setting(1, lo=1))
-    grad_accum_steps(args, world_size)
+    if not args.eval_artifact:
+        grad_accum_steps(args, world_size)
     shown, checked = args, ""
     if args.dry_run == "1":
         check_outputs(args)

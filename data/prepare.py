@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from train_gpt import (SHARD_HEADER_INTS, SHARD_MAGIC, SHARD_VERSION, ShardError,  # noqa: E402
-                       read_shard_header, sha256_file, write_shard)
+                       atomic_write_bytes, read_shard_header, sha256_file, write_shard)
 
 SPECS_PATH = REPO_ROOT / "tokenizer_specs.json"
 DATA_DIR = REPO_ROOT / "data"
@@ -571,6 +571,11 @@ def cmd_download(args) -> None:
         fetch_shard(args.repo_id, f"{remote_dir}/{name}", out_dir / name)
     tokenizer = DATA_DIR / "tokenizers" / spec["tokenizer_filename"]
     fetch(args.repo_id, f"{args.remote_root}/tokenizers/{spec['tokenizer_filename']}", tokenizer)
+    # the trainer checks a TOKENIZER_PATH against this record (a tokenizer of the same size would go unnoticed)
+    manifest = {"sources": [f"{args.repo_id}:{remote_dir}"], "spec": spec["name"],
+                "tokenizer_path": str(tokenizer.resolve()), "tokenizer_sha256": sha256_file(tokenizer),
+                "vocab_size": spec["vocab_size"], "shards": names}
+    atomic_write_bytes(out_dir / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
     print(f"{len(names)} shards in {out_dir} (headers checked); tokenizer {tokenizer}")
 
 

@@ -373,8 +373,10 @@ def test_download_fetches_the_official_layout(prepare, tmp_path, monkeypatch):
                          "datasets/tokenizers/fineweb_1024_bpe.model"]
     local = tmp_path / "data" / "datasets" / "fineweb10B_sp1024"
     assert sorted(p.name for p in local.iterdir()) == [
-        "fineweb_train_000000.bin", "fineweb_train_000001.bin", "fineweb_val_000000.bin"]
+        "fineweb_train_000000.bin", "fineweb_train_000001.bin", "fineweb_val_000000.bin", "manifest.json"]
     assert (tmp_path / "data" / "tokenizers" / "fineweb_1024_bpe.model").read_bytes() == b"model"
+    manifest = json.loads((local / "manifest.json").read_text())  # what the trainer checks TOKENIZER_PATH against
+    assert (manifest["vocab_size"], manifest["tokenizer_sha256"]) == (1024, hashlib.sha256(b"model").hexdigest())
 
 
 def test_download_rejects_a_corrupt_shard(prepare, tmp_path, monkeypatch):

@@ -179,8 +179,10 @@ def test_a_failed_artifact_write_leaves_nothing_under_the_final_name(tiny_data, 
 def test_atomic_write_keeps_the_previous_file_when_interrupted(tmp_path, monkeypatch):
     target = tmp_path / "model.skc"
     train_gpt.atomic_write_bytes(target, b"complete old artifact")
-    monkeypatch.setattr(train_gpt.os, "replace", lambda src, dst: os.kill(os.getpid(), 0) or 1 / 0)
-    with pytest.raises(ZeroDivisionError):
+    def killed_before_rename(src, dst):
+        raise OSError("killed between the write and the rename")
+    monkeypatch.setattr(train_gpt.os, "replace", killed_before_rename)
+    with pytest.raises(OSError, match="killed"):
         train_gpt.atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"complete old artifact" and os.listdir(tmp_path) == ["model.skc"]
 
@@ -235,6 +237,8 @@ def test_a_finished_run_id_is_not_reused_unless_told(tiny_data, tmp_path):
     assert log_lines(env) == first_log and artifacts(env) == ["once_model.skc"]
     assert run_main({**env, "RUN_OVERWRITE": "1", "ITERATIONS": "1"})[0] == 0
     assert log_lines(env)[-1] == "stop_reason:completed steps:1" and artifacts(env) == ["once_model.skc"]
+    evaluate_own = {**env, "RUN_OVERWRITE": "1", "EVAL_ARTIFACT": str(tmp_path / "logs" / "once_model.skc")}
+    assert run_main(evaluate_own)[0] == 0 and artifacts(env) == ["once_model.skc"]  # never deletes what it reads
     with pytest.raises(train_gpt.ConfigError, match="RUN_OVERWRITE"):
         train_gpt.Hyperparameters({"RUN_OVERWRITE": "maybe"})
 
@@ -320,7 +324,6 @@ def reframed(body: bytes, codec_index: int) -> bytes:
      "claims .* bytes at offset"),
 ])
 def test_a_damaged_or_forged_artifact_is_refused_before_anything_is_allocated(tmp_path, make, message):
-    blob = (tmp_path / "a.skc").write_bytes(b"") or None
     write_tiny_artifact(tmp_path / "a.skc", 96, EXPORT_CODEC="lzma")
     blob = (tmp_path / "a.skc").read_bytes()
     args = train_gpt.Hyperparameters({})
