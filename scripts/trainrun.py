@@ -50,10 +50,10 @@ def run_env(env_file: str | Path | None, overrides: dict | None = None, defaults
 
 
 def dry_run(env: dict[str, str]) -> subprocess.CompletedProcess:
-    """Let the trainer check a run's config and files (DRY_RUN=1); returns the finished process. RUN_ID is left
-    out: a resumed sweep's finished runs are skipped, not rerun, so their RUN_IDs are no conflict."""
-    return subprocess.run([sys.executable, str(TRAINER)], env={**env, "DRY_RUN": "1", "RUN_ID": ""}, cwd=REPO_ROOT,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    """Let the trainer check a run's config and files (DRY_RUN=1); returns the finished process. A resumed sweep
+    skips its finished runs instead of rerunning them, so their RUN_IDs are no conflict (RUN_OVERWRITE=1)."""
+    return subprocess.run([sys.executable, str(TRAINER)], env={**env, "DRY_RUN": "1", "RUN_OVERWRITE": "1"},
+                          cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def start_training(env: dict[str, str], log_path: Path) -> subprocess.Popen:
