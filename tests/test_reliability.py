@@ -268,10 +268,11 @@ def test_sigterm_stops_at_the_next_step_boundary_and_says_so(tiny_data, tmp_path
     interrupt_at_call(monkeypatch, 3, lambda: os.kill(os.getpid(), signal.SIGTERM))
     env = tiny_env(tiny_data, tmp_path, RUN_ID="term", ITERATIONS=50)
     status, stderr = run_main(env)
-    assert status == 128 + signal.SIGTERM and stderr == "stopped: SIGTERM: every rank stopped after step 3\n"
+    # the signal lands in step 3; that step's vote is read (without a host sync) after step 4, on every rank
+    assert status == 128 + signal.SIGTERM and stderr == "stopped: SIGTERM: every rank stopped after step 4\n"
     lines = log_lines(env)
-    assert lines[-1] == "stop_reason:sigterm phase:training step:3 RunStopped: SIGTERM: every rank stopped after step 3"
-    assert len(trained_steps(lines)) == 2 and artifacts(env) == []  # step 3 ran; its all-reduce stopped the run
+    assert lines[-1] == "stop_reason:sigterm phase:training step:4 RunStopped: SIGTERM: every rank stopped after step 4"
+    assert len(trained_steps(lines)) == 3 and artifacts(env) == []
     assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back
 
 
@@ -286,7 +287,7 @@ def test_sigint_and_a_non_finite_loss_are_the_last_log_line(tiny_data, tmp_path,
     env = tiny_env(tiny_data, tmp_path, RUN_ID="nan")
     status, stderr = run_main(env)
     assert status == 1 and stderr.startswith("error: non-finite training loss at step 1")
-    assert log_lines(env)[-1].startswith("stop_reason:non_finite_loss phase:training step:1 FloatingPointError: "
+    assert log_lines(env)[-1].startswith("stop_reason:non_finite_loss phase:training step:2 FloatingPointError: "
                                          "non-finite training loss at step 1")
 
 

@@ -110,19 +110,18 @@ def test_a_training_step_reads_nothing_back_from_the_device(tiny_data, host_read
     rt = train_gpt.Runtime(0, 1, 0, torch.device("cpu"), False)
     model = train_gpt.GPT(args, args.vocab_size)
     optimizers, _ = train_gpt.build_optimizers(model, args, fused=False)
-    loader = train_gpt.DistributedTokenLoader(str(tiny_data.data_path / "fineweb_train_*.bin"), args.vocab_size,
-                                              0, 1, rt.device)
+    loader = train_gpt.DistributedTokenLoader(str(tiny_data.data_path), args.vocab_size, 0, 1, rt.device)
     accum, micro = train_gpt.grad_accum_steps(args, 1)
     vote = train_gpt.StopVote(rt)
     for step in range(3):
         loss = train_gpt.optimizer_step(model, model, loader, optimizers, args, rt, accum, micro, step, 0.5)
         vote.post(step + 1, False, loss)
     assert host_reads == [], "host reads inside the training step"
-    assert vote.take() == (3, {"time_up": False, "non_finite_loss": False})
+    assert vote.take() == (3, {"time_up": False, "non_finite_loss": False, "sigterm": False})
     assert [name for name, _ in host_reads] == ["take"] and vote.take() is None
 
 
 def test_stop_vote_reports_a_non_finite_loss_and_the_clock():
     vote = train_gpt.StopVote(train_gpt.Runtime(0, 1, 0, torch.device("cpu"), False))
     vote.post(7, True, torch.tensor(float("nan")))
-    assert vote.take() == (7, {"time_up": True, "non_finite_loss": True})
+    assert vote.take() == (7, {"time_up": True, "non_finite_loss": True, "sigterm": False})
