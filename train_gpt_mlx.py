@@ -11,9 +11,10 @@ Configuration comes from the same environment variables as train_gpt.py, plus ML
 
 What is shared with train_gpt.py, by import rather than by copy: the settings table and its
 validation, the shard reader, the SentencePiece byte tables and the val_bpb bookkeeping, the official
-log lines, the initial weights (built by train_gpt.GPT from SEED) and the artifact container. That
-pulls in torch, which runs on the CPU at start-up, at export and for the score's bookkeeping, never in
-a training step: every forward, backward and optimizer update here is MLX.
+log lines, the initial weights (built by train_gpt.GPT from SEED), the artifact container, ternary
+calibration and the EvalEngram counts. That pulls in torch, which runs on the CPU at start-up, in
+calibration, at export and in the score's bookkeeping, never in a training step: every training
+forward, backward and optimizer update, and every evaluation forward, is MLX.
 """
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ class Hyperparameters(train_gpt.Hyperparameters):
 
 
 # What the twin does with each train_gpt.py setting. Supported ones mean what they mean there (on one
-# device, so DIST_TIMEOUT_SECONDS has no collective to time out). An unsupported one stops the run when
+# device, so DIST_TIMEOUT_SECONDS has no collective to time out; ternary calibration and the EvalEngram
+# counts run through train_gpt.py's own code on the CPU). An unsupported one stops the run when
 # it asks for what the twin lacks; a setting in neither list (one added to train_gpt.py after the twin)
 # stops the run whenever it is not at its default, so nothing is ever silently ignored.
 SUPPORTED_SETTINGS = frozenset((
@@ -73,19 +75,13 @@ SUPPORTED_SETTINGS = frozenset((
     "MUON_BACKEND_STEPS", "MUON_MOMENTUM_WARMUP_START", "MUON_MOMENTUM_WARMUP_STEPS", "MUON_WEIGHT_DECAY",
     "MUON_ROW_NORM", "EMBED_WEIGHT_DECAY", "BETA1", "BETA2", "ADAM_EPS", "EXPORT_FORMAT", "EXPORT_FP_FORMAT",
     "EXPORT_FP16_PATTERNS", "EXPORT_CLIP_SEARCH", "EXPORT_CODEC", "TURBO_QUANT_EXPORT", "SIZE_CAP_BYTES",
-    "SIZE_MARGIN_BYTES", "SUBMISSION_MODE", "CALIB_MAX_SECONDS", "CALIB_TOKENS", "CALIB_MIN_PARAMS", "EVAL_ARTIFACT",
-    "EVAL_SEQ_LEN", "SLIDING_EVAL_STRIDE", "EVAL_CHUNK_TOKENS", "EVAL_MAX_SECONDS", "EVAL_DUMP_TOKEN_LOSSES",
-    "EVAL_TEMPERATURE_FIT", "EVAL_ENGRAM_ORDER", "EVAL_ENGRAM_BUCKETS", "EVAL_ENGRAM_ALPHA", "EVAL_ENGRAM_WEIGHT",
-    "EVAL_ENGRAM_CENTER", "TTT_ENABLED", "TTT_SCOPE", "TTT_LR", "TTT_MOMENTUM", "TTT_EPOCHS", "TTT_GRAD_CLIP",
-    "MLX_COMPUTE_DTYPE"))
+    "SIZE_MARGIN_BYTES", "SUBMISSION_MODE", "CALIB_MAX_EVALS", "CALIB_MAX_SECONDS", "CALIB_TOKENS", "CALIB_MIN_PARAMS",
+    "EVAL_ARTIFACT", "EVAL_SEQ_LEN", "SLIDING_EVAL_STRIDE", "EVAL_CHUNK_TOKENS", "EVAL_MAX_SECONDS",
+    "EVAL_DUMP_TOKEN_LOSSES", "EVAL_TEMPERATURE_FIT", "EVAL_ENGRAM", "EVAL_ENGRAM_ORDER", "EVAL_ENGRAM_BUCKETS",
+    "EVAL_ENGRAM_ALPHA", "EVAL_ENGRAM_WEIGHT", "EVAL_ENGRAM_CENTER", "TTT_ENABLED", "TTT_SCOPE", "TTT_LR", "TTT_MOMENTUM",
+    "TTT_EPOCHS", "TTT_GRAD_CLIP", "MLX_COMPUTE_DTYPE"))
 # name -> (does this configuration ask for what the twin lacks?, what to do instead)
 UNSUPPORTED_SETTINGS = {
-    "CALIB_MAX_EVALS": (lambda a: a.calib_max_evals > 0 and a.weight_quant == "ternary",
-                        "ternary calibration is not ported to the MLX twin: set CALIB_MAX_EVALS=0, or calibrate with "
-                        "train_gpt.py"),
-    "EVAL_ENGRAM": (lambda a: a.eval_engram,
-                    "EvalEngram is not ported to the MLX twin: set EVAL_ENGRAM=0, or evaluate the artifact with "
-                    "EVAL_ARTIFACT=... python train_gpt.py"),
     "ATTN_BACKEND": (lambda a: a.attn_backend in ("fa3", "fa2"),
                      "flash-attention kernels are CUDA-only; the twin uses MLX's fused attention: set ATTN_BACKEND=auto"),
 }
@@ -714,6 +710,17 @@ def train(args: Hyperparameters, log: Logger, model: GPT, val_ctx: StreamContext
     return {"steps": step, "train_ms": train_ms, "tok_s": train_tok_s}
 
 
+def calibrate_ternary(model: GPT, args: Hyperparameters, log: Logger) -> GPT:
+    """train_gpt.calibrate_ternary, run by torch on the CPU on these weights (within CALIB_MAX_SECONDS, like there);
+    returns the model with the thresholds and scale multipliers it chose."""
+    if args.calib_max_evals == 0 or args.weight_quant != "ternary":
+        return model
+    log("calibration: train_gpt.calibrate_ternary in torch on the CPU")
+    torch_model = to_torch(model)
+    train_gpt.calibrate_ternary(torch_model, args, SINGLE, log)
+    return to_mlx(torch_model, model.dtype)
+
+
 def fit_temperature(model: GPT, args: Hyperparameters, log: Logger) -> None:
     """train_gpt.fit_temperature: the logit temperature with the least loss on training tokens, stored as fp16."""
     if not args.eval_temperature_fit:
@@ -748,8 +755,11 @@ def load_artifact(path: Path, args: Hyperparameters, dtype: mx.Dtype) -> GPT:
 SINGLE = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), distributed=False)
 
 
-def score_windows(model: GPT, ctx: StreamContext, windows: list[train_gpt.Window]) -> torch.Tensor:
-    """Per-target losses (nats, float32) of the windows' scored targets, in target order (train_gpt.score_windows)."""
+def score_windows(model: GPT, ctx: StreamContext, windows: list[train_gpt.Window],
+                  engram: train_gpt.EvalEngram | None = None) -> torch.Tensor:
+    """Per-target losses (nats, float32) of the windows' scored targets, in target order (train_gpt.score_windows).
+    With an EvalEngram, train_gpt.py's own n-gram mix (on the CPU) turns the model's log-probabilities into the scored
+    distribution."""
     val = ctx.val.numpy()
     losses = []
     for i in range(0, len(windows), ctx.batch_windows):
@@ -758,9 +768,14 @@ def score_windows(model: GPT, ctx: StreamContext, windows: list[train_gpt.Window
         hidden = model.hidden_states(x)
         rows = mx.concatenate([hidden[j, w.first - w.start - 1:w.end - w.start - 1] for j, w in enumerate(group)])
         targets = np.concatenate([np.arange(w.first, w.end) for w in group])
-        loss = token_losses(model.logits(rows), mx.array(val[targets].astype(np.int32)))
-        losses.append(np.array(loss.astype(mx.float32)))
-    return torch.from_numpy(np.concatenate(losses)) if losses else torch.zeros(0)
+        logits = model.logits(rows)
+        if engram is None:
+            losses.append(torch.from_numpy(np.array(token_losses(logits, mx.array(val[targets].astype(np.int32))))))
+            continue
+        logp = torch.from_numpy(np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True)))
+        logp = engram.mix(logp, ctx.val, ctx.last_bos, torch.from_numpy(targets))
+        losses.append(-logp.gather(-1, ctx.val[targets].unsqueeze(-1)).squeeze(-1))
+    return torch.cat(losses) if losses else torch.zeros(0)
 
 
 def evaluate_windows(model: GPT, ctx: StreamContext, stride: int) -> train_gpt.ScoredTargets:
@@ -797,24 +812,31 @@ def ttt_train_on_chunk(model: GPT, grad_fn, ctx: StreamContext, lo: int, hi: int
             mx.eval(model.parameters(), momentum)
 
 
-def evaluate_streaming(model: GPT, ctx: StreamContext, args: Hyperparameters) -> train_gpt.ScoredTargets:
-    """Score-first TTT (train_gpt.evaluate_streaming on one device): score a chunk of EVAL_CHUNK_TOKENS targets,
-    then train on it, then move on; the artifact's own model is left untouched."""
+def evaluate_streaming(model: GPT, ctx: StreamContext, args: Hyperparameters, ttt: bool,
+                       engram: bool) -> train_gpt.ScoredTargets:
+    """Score-first evaluation (train_gpt.evaluate_streaming on one device): score a chunk of EVAL_CHUNK_TOKENS
+    targets, then let it update the state (EvalEngram counts, TTT step), then move on. TTT trains a copy: the
+    artifact's own model is left untouched."""
     stride = args.sliding_eval_stride or ctx.seq_len
     chunks = train_gpt.score_first_chunks(ctx.num_targets, args.eval_chunk_tokens)
-    model = clone_model(model)
-    names = ttt_parameter_names(model, args.ttt_scope)
-    model.freeze()
-    owners = dict(model.named_modules())
-    for name in names:
-        prefix, _, local = name.rpartition(".")
-        owners[prefix].unfreeze(keys=[local], recurse=False)
-    grad_fn = nn.value_and_grad(model, lambda x, y: token_losses(model(x), y).mean())
-    momentum: dict[str, mx.array] = {}
+    if ttt:
+        model = clone_model(model)
+        names = ttt_parameter_names(model, args.ttt_scope)
+        model.freeze()
+        owners = dict(model.named_modules())
+        for name in names:
+            prefix, _, local = name.rpartition(".")
+            owners[prefix].unfreeze(keys=[local], recurse=False)
+        grad_fn = nn.value_and_grad(model, lambda x, y: token_losses(model(x), y).mean())
+        momentum: dict[str, mx.array] = {}
+    memory = train_gpt.EvalEngram(args, model.vocab_size, SINGLE.device) if engram else None
     losses = []
     for lo, hi in chunks:
-        losses.append(score_windows(model, ctx, train_gpt.plan_windows(lo, hi, ctx.num_targets, ctx.seq_len, stride)))
-        if (lo, hi) != chunks[-1]:
+        losses.append(score_windows(model, ctx, train_gpt.plan_windows(lo, hi, ctx.num_targets, ctx.seq_len, stride),
+                                    memory))
+        if memory is not None:
+            memory.absorb(ctx.val, ctx.last_bos, torch.arange(lo, hi))
+        if ttt and (lo, hi) != chunks[-1]:
             ttt_train_on_chunk(model, grad_fn, ctx, lo, hi, momentum, args)
     return train_gpt.scored(ctx, 1, ctx.num_targets + 1, torch.cat(losses))
 
@@ -822,7 +844,7 @@ def evaluate_streaming(model: GPT, ctx: StreamContext, args: Hyperparameters) ->
 def run_eval_mode(model: GPT, ctx: StreamContext, options: dict, args: Hyperparameters) -> train_gpt.ScoredTargets:
     if options["kind"] == "windows":
         return evaluate_windows(model, ctx, options["stride"])
-    return evaluate_streaming(model, ctx, args)
+    return evaluate_streaming(model, ctx, args, options["ttt"], options["engram"])
 
 
 # -----------------------------------------------------------------------------
@@ -877,6 +899,7 @@ def main(environ: dict[str, str] | None = None) -> None:
         del initial
         summary = train(args, log, model, train_ctx)
         t0 = time.perf_counter()
+        model = calibrate_ternary(model, args, log)
         fit_temperature(model, args, log)
         if train_gpt.post_training_fits(args):
             fit_ms = 1000.0 * (time.perf_counter() - t0)

@@ -159,7 +159,8 @@ def test_score_first_ttt_matches(tiny_data, val_context, scope):
     before = dict(tree_flatten(model.parameters()))
     theirs = train_gpt.reduce_scored(train_gpt.evaluate_streaming(torch_model, val_context, args, twin.SINGLE, ttt=True,
                                                                   engram=False), twin.SINGLE)
-    ours = train_gpt.reduce_scored(twin.evaluate_streaming(model, val_context, args), twin.SINGLE)
+    ours = train_gpt.reduce_scored(twin.evaluate_streaming(model, val_context, args, ttt=True, engram=False),
+                                   twin.SINGLE)
     plain = train_gpt.reduce_scored(twin.evaluate_windows(model, val_context, 32), twin.SINGLE)
     assert (ours.targets, ours.bytes) == (theirs.targets, theirs.bytes)
     assert abs(ours.val_bpb - theirs.val_bpb) < TTT_BPB_TOL
@@ -168,10 +169,26 @@ def test_score_first_ttt_matches(tiny_data, val_context, scope):
     assert all(mx.array_equal(before[name], after[name]) for name in before)  # the artifact's model is untouched
 
 
-# --- whole runs: training, export, cross-loading ----------------------------------------------------------------
+@pytest.mark.parametrize("overrides, ttt", [({"EVAL_ENGRAM_ORDER": "2"}, False),
+                                            ({"EVAL_ENGRAM_ORDER": "3", "EVAL_ENGRAM_BUCKETS": "512"}, True)],
+                         ids=["order2", "order3+ttt"])
+def test_eval_engram_matches(tiny_data, val_context, overrides, ttt):
+    args = twin_args(tiny_data, EVAL_ENGRAM="1", TTT_ENABLED=str(int(ttt)), EVAL_CHUNK_TOKENS="512", **overrides)
+    torch_model = perturbed_torch_model(args)
+    theirs = train_gpt.reduce_scored(train_gpt.evaluate_streaming(torch_model, val_context, args, twin.SINGLE, ttt=ttt,
+                                                                  engram=True), twin.SINGLE)
+    ours = train_gpt.reduce_scored(twin.evaluate_streaming(twin.to_mlx(torch_model), val_context, args, ttt=ttt,
+                                                           engram=True), twin.SINGLE)
+    assert (ours.targets, ours.bytes) == (theirs.targets, theirs.bytes)
+    assert abs(ours.val_bpb - theirs.val_bpb) < TTT_BPB_TOL
 
-RUN_FLAGS = dict(ITERATIONS="3", VAL_MAX_TOKENS="2048", SLIDING_EVAL_STRIDE="16", TTT_ENABLED="1",
-                 EVAL_CHUNK_TOKENS="512", TRAIN_LOG_EVERY="1")
+
+# --- whole runs: training, calibration, export, cross-loading ----------------------------------------------------------------
+
+RUN_FLAGS = dict(ITERATIONS="3", VAL_MAX_TOKENS="2048", SLIDING_EVAL_STRIDE="16", TTT_ENABLED="1", EVAL_ENGRAM="1",
+                 EVAL_CHUNK_TOKENS="512", TRAIN_LOG_EVERY="1", CALIB_MAX_EVALS="3", CALIB_MIN_PARAMS="0",
+                 CALIB_TOKENS="1024", EMA_DECAY="0.5", EMA_START_FRAC="0.3", GRAD_CLIP_NORM="1.0", LR_WARMUP_STEPS="2",
+                 WARMDOWN_ITERS="2")
 
 
 def line_figures(path, key: str) -> dict[str, float]:
@@ -195,30 +212,34 @@ def cross_runs(tiny_data, tmp_path_factory):
 @pytest.mark.parametrize("writer, reader", [("torch", "mlx_reads_torch"), ("mlx", "torch_reads_mlx")])
 def test_artifacts_cross_load_to_the_same_val_bpb(cross_runs, writer, reader):
     export = re.search(r"^(final_\w+_roundtrip) ", cross_runs[writer].read_text(), re.M).group(1)
-    for key, tol in ((export, BPB_TOL), ("final_sliding_window", BPB_TOL), ("final_ttt", TTT_BPB_TOL)):
+    for key, tol in ((export, BPB_TOL), ("final_sliding_window", BPB_TOL), ("final_ttt_eval_engram", TTT_BPB_TOL)):
         written, read = (line_figures(cross_runs[run], key + "_exact")["val_bpb"] for run in (writer, reader))
         assert abs(written - read) < tol, (key, written, read)
 
 
-def test_both_twins_start_from_the_same_weights(cross_runs):
-    """Same SEED, same data: the first logged training loss (before any update) agrees."""
-    first = [line_figures(cross_runs[run], "step:1/3")["train_loss"] for run in ("torch", "mlx")]
-    assert abs(first[0] - first[1]) < 1e-3  # the log prints 4 decimals
+def test_both_twins_train_alike(cross_runs):
+    """Same SEED, same data, same schedule, EMA, clipping and calibration: the same training losses (4 decimals in
+    the log) and, after three steps, nearly the same trained model."""
+    for step in (1, 2, 3):
+        losses = [line_figures(cross_runs[run], f"step:{step}/3")["train_loss"] for run in ("torch", "mlx")]
+        assert abs(losses[0] - losses[1]) < 1e-3, (step, losses)
+    bpb = [line_figures(cross_runs[run], "final_prequant_exact")["val_bpb"] for run in ("torch", "mlx")]
+    assert abs(bpb[0] - bpb[1]) < 1e-3
 
 
 def test_the_twin_log_has_the_official_lines(cross_runs):
     text = cross_runs["mlx"].read_text()
     for pattern in (r"^config NUM_LAYERS=2$", r"^compute_dtype:float32 \(auto: CPU", r"^WARNING: PARTIAL VALIDATION",
                     r"^params ternary:\d+", r"^param_group:matrix tensors:\d+", r"^step:3/3 train_loss:\S+ .* eta:\d+s$",
-                    r"^train_done steps:3 ", r"^final_prequant val_loss:", r"^artifact code_bytes:\d+ model_bytes:\d+",
+                    r"^train_done steps:3 ", r"^ema: applied decay 0.5 weights$", r"^final_prequant val_loss:", r"^artifact code_bytes:\d+ model_bytes:\d+",
                     r"^final_ternary_\w+_roundtrip val_loss:\S+ val_bpb:\S+ eval_time:\d+ms$",
-                    r"^final_sliding_window_exact ", r"^final_ttt_exact "):
+                    r"^calibration evals:3 ", r"^final_sliding_window_exact ", r"^final_ttt_eval_engram_exact "):
         assert re.search(pattern, text, re.M), pattern
 
 
 # --- configuration -------------------------------------------------------------------------------------------------
 
-UNSUPPORTED_CASES = [("CALIB_MAX_EVALS", "4"), ("EVAL_ENGRAM", "1"), ("ATTN_BACKEND", "fa3"), ("ATTN_BACKEND", "fa2")]
+UNSUPPORTED_CASES = [("ATTN_BACKEND", "fa3"), ("ATTN_BACKEND", "fa2")]
 
 
 @pytest.mark.parametrize("name, value", UNSUPPORTED_CASES)
@@ -274,5 +295,5 @@ def test_command_line_dry_run_and_bad_setting():
     assert ok.returncode == 0, ok.stderr
     assert "config NUM_LAYERS=9" in ok.stdout and "config MLX_COMPUTE_DTYPE=auto" in ok.stdout
     bad = subprocess.run([sys.executable, "train_gpt_mlx.py"], cwd=REPO_ROOT_FOR_TESTS, capture_output=True, text=True,
-                         env=subprocess_env({"DRY_RUN": "1", "EVAL_ENGRAM": "1"}))
-    assert bad.returncode == 2 and "EVAL_ENGRAM" in bad.stderr
+                         env=subprocess_env({"DRY_RUN": "1", "ATTN_BACKEND": "fa3"}))
+    assert bad.returncode == 2 and "ATTN_BACKEND" in bad.stderr
