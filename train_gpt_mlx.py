@@ -65,7 +65,8 @@ class Hyperparameters(train_gpt.Hyperparameters):
 # stops the run whenever it is not at its default, so nothing is ever silently ignored.
 SUPPORTED_SETTINGS = frozenset((
     "DATA_PATH", "TOKENIZER_PATH", "VOCAB_SIZE", "RUN_ID", "SEED", "LOG_DIR", "ARTIFACT_DIR", "DRY_RUN",
-    "DIST_TIMEOUT_SECONDS", "ITERATIONS", "WARMUP_STEPS", "LR_WARMUP_STEPS", "WARMDOWN_ITERS", "TRAIN_BATCH_TOKENS",
+    "DIST_TIMEOUT_SECONDS", "ITERATIONS", "WARMUP_STEPS", "LR_WARMUP_STEPS", "WARMDOWN_FRACTION", "WARMDOWN_ITERS",
+    "TRAIN_BATCH_TOKENS",
     "TRAIN_MICRO_BATCH_TOKENS", "TRAIN_SEQ_LEN", "MAX_WALLCLOCK_SECONDS", "VAL_LOSS_EVERY", "VAL_BATCH_SIZE",
     "VAL_MAX_TOKENS", "TRAIN_LOG_EVERY", "GRAD_CLIP_NORM", "EMA_DECAY", "EMA_START_FRAC", "MODEL_COMPILE",
     "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "MLP_ACT", "EMBED_DIM", "TIE_EMBEDDINGS",
@@ -248,8 +249,11 @@ def make_linear(args: Hyperparameters, in_features: int, out_features: int) -> n
     return CastedLinear(in_features, out_features)
 
 
+RMS_NORM_EPS = float(np.finfo(np.float32).eps)  # F.rms_norm's default for train_gpt.py's float32 activations
+
+
 def rms_norm(x: mx.array) -> mx.array:
-    return mx.fast.rms_norm(x, None, mx.finfo(x.dtype).eps)  # torch's F.rms_norm default eps
+    return mx.fast.rms_norm(x, None, RMS_NORM_EPS)
 
 
 class Rotary(nn.Module):
@@ -483,21 +487,19 @@ def to_torch(model: GPT) -> train_gpt.GPT:
 # Optimizers: train_gpt.py's updates (torch AdamW, Muon with Newton-Schulz), over flat name -> array dicts
 # -----------------------------------------------------------------------------
 def zeropower_via_newtonschulz5(G: mx.array, steps: int, row_norm: bool, dtype: mx.Dtype) -> mx.array:
-    """Approximately orthogonalize G (quintic Newton-Schulz). A near-zero G gives zero, never NaN."""
+    """Approximately orthogonalize G (quintic Newton-Schulz). A zero G gives zero, never NaN."""
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.astype(dtype)
     if row_norm:  # MuonEq-R: equalize row norms before orthogonalizing
         X = X / mx.maximum(mx.sqrt(mx.sum(X * X, axis=1, keepdims=True)), 1e-7)
-    norm = mx.sqrt(mx.sum(X * X))
-    X = X / (norm + 1e-7)
+    X = X / (mx.sqrt(mx.sum(X * X)) + 1e-7)
     transposed = G.shape[0] > G.shape[1]
     if transposed:
         X = X.T
     for _ in range(steps):
         A = X @ X.T
         X = a * X + (b * A + c * A @ A) @ X
-    X = X.T if transposed else X
-    return mx.where(norm < 1e-12, 0.0, X).astype(G.dtype)
+    return (X.T if transposed else X).astype(G.dtype)
 
 
 class Muon:
@@ -645,16 +647,23 @@ def train(args: Hyperparameters, log: Logger, model: GPT, val_ctx: StreamContext
     train_pattern = os.path.join(args.data_path, "fineweb_train_*.bin")
     grad_fn = loss_and_grad_fn(model, args)
 
-    if args.warmup_steps:  # compile and allocator warm-up on training tokens; the weights are restored after
+    # Compile warm-up on training tokens; the weights are restored after. Its steps after the first (which
+    # compiles) also time a step, for the WARMDOWN_ITERS projection (as in train_gpt.train).
+    warmup_step_ms = 0.0
+    if args.warmup_steps:
         initial = model.trainable_parameters()
         warm_loader = TokenLoader(train_pattern, model.vocab_size)
         warm_opts = Optimizers(model, args, model.dtype)
-        for _ in range(args.warmup_steps):
+        for i in range(args.warmup_steps):
+            if i == 1:
+                t_warm = time.perf_counter()
             _, grads = train_step(grad_fn, warm_loader, args, accum, micro_tokens)
             optimizer_step(model, warm_opts, grads, args)
             mx.eval(model.parameters(), warm_opts.state())
+        if args.warmup_steps > 1:
+            warmup_step_ms = 1000.0 * (time.perf_counter() - t_warm) / (args.warmup_steps - 1)
         model.update(initial)
-        log(f"warmup_steps:{args.warmup_steps} done (weights and optimizer state restored)")
+        log(f"warmup_steps:{args.warmup_steps} done (weights and optimizer state restored) step_ms:{warmup_step_ms:.1f}")
 
     loader = TokenLoader(train_pattern, model.vocab_size)
     ema = None
@@ -664,19 +673,20 @@ def train(args: Hyperparameters, log: Logger, model: GPT, val_ctx: StreamContext
                           f"MAX_WALLCLOCK_SECONDS={args.max_wallclock_seconds}")
     tokens_per_step = args.train_batch_tokens
     train_ms, step, last_loss, stop_step = 0.0, 0, float("nan"), args.iterations
-    t0 = time.perf_counter()
+    t0 = last_log = time.perf_counter()
     while True:
         last_step = step == stop_step
         if last_step or (args.val_loss_every and step % args.val_loss_every == 0 and step > 0):
             train_ms += 1000.0 * (time.perf_counter() - t0)
-            totals = train_gpt.reduce_scored(evaluate_windows(model, val_ctx, val_ctx.seq_len), SINGLE)
-            log(f"step:{step}/{args.iterations} val_loss:{totals.val_loss:.4f} val_bpb:{totals.val_bpb:.4f} "
-                f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
+            totals = train_gpt.reduce_scored(evaluate_windows(model, val_ctx, val_ctx.seq_len,
+                                                              train_gpt.Progress(log, f"val step:{step}")), SINGLE)
+            log(f"{train_gpt.step_label(step, train_ms, args)} val_loss:{totals.val_loss:.4f} "
+                f"val_bpb:{totals.val_bpb:.4f} train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
             t0 = time.perf_counter()
         if last_step:
             break
         elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
-        scale = train_gpt.lr_scale(step, elapsed_ms, args)
+        scale = train_gpt.lr_scale(step, elapsed_ms, args, elapsed_ms / step if step else warmup_step_ms)
         optimizers.apply_schedules(step, scale)
         loss, grads = train_step(grad_fn, loader, args, accum, micro_tokens)
         optimizer_step(model, optimizers, grads, args)
@@ -693,13 +703,15 @@ def train(args: Hyperparameters, log: Logger, model: GPT, val_ctx: StreamContext
             raise FloatingPointError(f"non-finite training loss at step {step}; last finite train_loss:{last_loss:.4f} "
                                      f"lr_scale:{scale:.3f}; lower the learning rates or enable GRAD_CLIP_NORM")
         last_loss = last_loss_now
-        elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
-        if step % args.train_log_every == 0 or step == 1:
-            log(f"step:{step}/{args.iterations} train_loss:{last_loss:.4f} lr_scale:{scale:.3f} "
+        now = time.perf_counter()
+        elapsed_ms = train_ms + 1000.0 * (now - t0)
+        if step % args.train_log_every == 0 or step == 1 or now - last_log >= train_gpt.PROGRESS_SECONDS:
+            last_log = now
+            log(f"{train_gpt.step_label(step, elapsed_ms, args)} train_loss:{last_loss:.4f} lr_scale:{scale:.3f} "
                 f"tok_s:{step * tokens_per_step / (elapsed_ms / 1000.0):.0f} train_time:{elapsed_ms:.0f}ms "
                 f"step_avg:{elapsed_ms / step:.2f}ms remaining:{max(max_ms - elapsed_ms, 0.0) / 1000.0:.0f}s "
                 f"eta:{progress_eta_s(step, elapsed_ms, args):.0f}s")
-        if max_ms > 0 and elapsed_ms >= max_ms:
+        if max_ms > 0 and elapsed_ms + elapsed_ms / step >= max_ms:  # the next step would end past the cap
             stop_step = step
     train_tok_s = step * tokens_per_step / max(train_ms / 1000.0, 1e-9)
     log(f"train_done steps:{step} train_time:{train_ms:.0f}ms tok_s:{train_tok_s:.0f}")
@@ -756,7 +768,7 @@ SINGLE = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"),
 
 
 def score_windows(model: GPT, ctx: StreamContext, windows: list[train_gpt.Window],
-                  engram: train_gpt.EvalEngram | None = None) -> torch.Tensor:
+                  engram: train_gpt.EvalEngram | None = None, progress: train_gpt.Progress | None = None) -> torch.Tensor:
     """Per-target losses (nats, float32) of the windows' scored targets, in target order (train_gpt.score_windows).
     With an EvalEngram, train_gpt.py's own n-gram mix (on the CPU) turns the model's log-probabilities into the scored
     distribution."""
@@ -771,17 +783,22 @@ def score_windows(model: GPT, ctx: StreamContext, windows: list[train_gpt.Window
         logits = model.logits(rows)
         if engram is None:
             losses.append(torch.from_numpy(np.array(token_losses(logits, mx.array(val[targets].astype(np.int32))))))
-            continue
-        logp = torch.from_numpy(np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True)))
-        logp = engram.mix(logp, ctx.val, ctx.last_bos, torch.from_numpy(targets))
-        losses.append(-logp.gather(-1, ctx.val[targets].unsqueeze(-1)).squeeze(-1))
+        else:
+            logp = torch.from_numpy(np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True)))
+            logp = engram.mix(logp, ctx.val, ctx.last_bos, torch.from_numpy(targets))
+            losses.append(-logp.gather(-1, ctx.val[targets].unsqueeze(-1)).squeeze(-1))
+        if progress is not None:
+            progress.advance(targets.size)
     return torch.cat(losses) if losses else torch.zeros(0)
 
 
-def evaluate_windows(model: GPT, ctx: StreamContext, stride: int) -> train_gpt.ScoredTargets:
-    """Plain (stride == seq_len) or sliding-window scoring of every target once."""
+def evaluate_windows(model: GPT, ctx: StreamContext, stride: int,
+                     progress: train_gpt.Progress | None = None) -> train_gpt.ScoredTargets:
+    """Plain (stride == seq_len) or sliding-window scoring of every target once; progress lines with the ETA."""
     windows = train_gpt.plan_windows(1, ctx.num_targets + 1, ctx.num_targets, ctx.seq_len, stride)
-    return train_gpt.scored(ctx, 1, ctx.num_targets + 1, score_windows(model, ctx, windows))
+    if progress is not None:
+        progress.total = ctx.num_targets
+    return train_gpt.scored(ctx, 1, ctx.num_targets + 1, score_windows(model, ctx, windows, progress=progress))
 
 
 def ttt_parameter_names(model: GPT, scope: str) -> list[str]:
@@ -812,8 +829,8 @@ def ttt_train_on_chunk(model: GPT, grad_fn, ctx: StreamContext, lo: int, hi: int
             mx.eval(model.parameters(), momentum)
 
 
-def evaluate_streaming(model: GPT, ctx: StreamContext, args: Hyperparameters, ttt: bool,
-                       engram: bool) -> train_gpt.ScoredTargets:
+def evaluate_streaming(model: GPT, ctx: StreamContext, args: Hyperparameters, ttt: bool, engram: bool,
+                       progress: train_gpt.Progress | None = None) -> train_gpt.ScoredTargets:
     """Score-first evaluation (train_gpt.evaluate_streaming on one device): score a chunk of EVAL_CHUNK_TOKENS
     targets, then let it update the state (EvalEngram counts, TTT step), then move on. TTT trains a copy: the
     artifact's own model is left untouched."""
@@ -830,10 +847,12 @@ def evaluate_streaming(model: GPT, ctx: StreamContext, args: Hyperparameters, tt
         grad_fn = nn.value_and_grad(model, lambda x, y: token_losses(model(x), y).mean())
         momentum: dict[str, mx.array] = {}
     memory = train_gpt.EvalEngram(args, model.vocab_size, SINGLE.device) if engram else None
+    if progress is not None:
+        progress.total = ctx.num_targets
     losses = []
     for lo, hi in chunks:
         losses.append(score_windows(model, ctx, train_gpt.plan_windows(lo, hi, ctx.num_targets, ctx.seq_len, stride),
-                                    memory))
+                                    memory, progress))
         if memory is not None:
             memory.absorb(ctx.val, ctx.last_bos, torch.arange(lo, hi))
         if ttt and (lo, hi) != chunks[-1]:
@@ -841,10 +860,11 @@ def evaluate_streaming(model: GPT, ctx: StreamContext, args: Hyperparameters, tt
     return train_gpt.scored(ctx, 1, ctx.num_targets + 1, torch.cat(losses))
 
 
-def run_eval_mode(model: GPT, ctx: StreamContext, options: dict, args: Hyperparameters) -> train_gpt.ScoredTargets:
+def run_eval_mode(model: GPT, ctx: StreamContext, options: dict, args: Hyperparameters,
+                  progress: train_gpt.Progress) -> train_gpt.ScoredTargets:
     if options["kind"] == "windows":
-        return evaluate_windows(model, ctx, options["stride"])
-    return evaluate_streaming(model, ctx, args, options["ttt"], options["engram"])
+        return evaluate_windows(model, ctx, options["stride"], progress)
+    return evaluate_streaming(model, ctx, args, options["ttt"], options["engram"], progress)
 
 
 # -----------------------------------------------------------------------------
@@ -905,16 +925,18 @@ def main(environ: dict[str, str] | None = None) -> None:
             fit_ms = 1000.0 * (time.perf_counter() - t0)
             log(f"post_training_time:{fit_ms:.0f}ms total_training_time:{summary['train_ms'] + fit_ms:.0f}ms "
                 f"of MAX_WALLCLOCK_SECONDS={args.max_wallclock_seconds}")
-        train_gpt.log_eval(log, "final_prequant", lambda: evaluate_windows(model, eval_ctx, args.eval_len), SINGLE, args)
+        train_gpt.log_eval(log, "final_prequant", lambda progress: evaluate_windows(model, eval_ctx, args.eval_len, progress),
+                           SINGLE, args)
         path = export_and_reload(model, args, log)
     t0 = time.perf_counter()
     loaded = load_artifact(path, args, dtype)
     load_ms = 1000.0 * (time.perf_counter() - t0)
     log(f"artifact_load_and_warmup_time:{load_ms:.0f}ms")
     train_gpt.log_eval(log, f"final_{loaded.export_name}_roundtrip",
-                       lambda: evaluate_windows(loaded, eval_ctx, args.eval_len), SINGLE, args, load_ms)
+                       lambda progress: evaluate_windows(loaded, eval_ctx, args.eval_len, progress), SINGLE, args, load_ms)
     for key, options in train_gpt.eval_modes(args):
-        train_gpt.log_eval(log, key, lambda: run_eval_mode(loaded, eval_ctx, options, args), SINGLE, args, load_ms)
+        train_gpt.log_eval(log, key, lambda progress: run_eval_mode(loaded, eval_ctx, options, args, progress), SINGLE,
+                           args, load_ms)
 
 
 if __name__ == "__main__":
