@@ -204,7 +204,7 @@ class Hyperparameters:
         "EXPORT_FORMAT": Setting("ternary", choices=("ternary", "int8_zlib")),
         "EXPORT_FP_FORMAT": Setting("fp8", choices=("fp8", "fp4", "fp16")),  # non-ternary matrices
         "EXPORT_FP16_PATTERNS": Setting("tok_emb,lm_head"),  # comma-separated name parts always kept in fp16
-        "EXPORT_CLIP_SEARCH": Setting(True),  # GPTQ-lite: per-tensor clip ratio with the least error
+        "EXPORT_CLIP_SEARCH": Setting(True),  # int8 export: per-tensor clip ratio with the least error (GPTQ-lite)
         "EXPORT_CODEC": Setting("auto", choices=("auto", "brotli", "lzma")),
         "TURBO_QUANT_EXPORT": Setting(False),  # Hadamard-rotate ternary weights before export quantization
         "SIZE_CAP_BYTES": Setting(16_000_000, lo=1),
@@ -644,18 +644,30 @@ def fp4_decode(codes: Tensor, scale: Tensor) -> Tensor:
     return sign * grid[(codes & 7).long()] * scale
 
 
+FP16_TINIEST = 2.0 ** -24  # the smallest positive fp16 value: a stored scale never rounds to zero
+
+
+def fp16_scale(scale: Tensor) -> Tensor:
+    """A per-row scale as stored (fp16), never zero, so an all-zero row encodes to zeros instead of 0/0."""
+    return scale.to(torch.float16).float().clamp_min(FP16_TINIEST)
+
+
 def fp_row_scale(w: Tensor, fmt: str, clip: float = 1.0) -> Tensor:
     """Per-row scale that maps the row's (clipped) absolute maximum onto the format's largest value."""
     top = FP8_MAX if fmt == "fp8" else FP4_GRID[-1]
-    amax = w.abs().amax(dim=-1, keepdim=True).float() * clip
-    return (amax / top).clamp_min(1e-12).to(torch.float16).float()
+    return fp16_scale(w.abs().amax(dim=-1, keepdim=True).float() * clip / top)
+
+
+def straight_through(w: Tensor, q: Tensor) -> Tensor:
+    """Exactly q in the forward (w - w.detach() is exactly 0), with w's gradient passed through unchanged."""
+    return q.to(w.dtype) + (w - w.detach())
 
 
 def fp_fake_quant(w: Tensor, fmt: str) -> Tensor:
-    """Round-trip w through fp8/fp4 storage; the gradient passes straight through."""
+    """Round-trip w through fp8/fp4 storage, exactly as export stores it; the gradient passes straight through."""
     scale = fp_row_scale(w.detach(), fmt)
     q = fp8_decode(fp8_encode(w.detach(), scale), scale) if fmt == "fp8" else fp4_decode(fp4_encode(w.detach(), scale), scale)
-    return w + (q.to(w.dtype) - w).detach()
+    return straight_through(w, q)
 
 
 def fp8_scale_factor(scales: Tensor) -> Tensor:
@@ -672,23 +684,36 @@ def round_scale(scale: Tensor, fmt: str) -> Tensor:
     return fp8_decode(fp8_encode(scale, factor), factor).clamp_min(2.0 ** -9 * factor)
 
 
-def ternary_quantize(w: Tensor, group_size: int, scale_format: str, threshold: float | Tensor = 0.5,
-                     scale_mult: float | Tensor = 1.0, fixed_scales: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """BitNet b1.58: trits (int8 {-1,0,1}) and per-group scales [out, in/group] as stored.
-
-    A weight becomes +-1 where |w| exceeds `threshold` times its group's absmean (0.5 is plain rounding).
-    Scales are the absmean times `scale_mult`, rounded to their storage format, unless fixed_scales
-    (a loaded artifact's exact scales) are given.
-    """
+def ternary_ratios(w: Tensor, group_size: int, scale_format: str, scale_mult: float | Tensor = 1.0,
+                   fixed_scales: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(w per group over its group's absmean [out, in/group, group], per-group scales as stored [out, in/group]).
+    Scales are the absmean times `scale_mult`, rounded to their storage format, unless fixed_scales (a loaded
+    artifact's exact scales) are given; then the ratios are taken against those."""
     groups = w.detach().float().reshape(w.shape[0], -1, group_size)
     if fixed_scales is None:
         reference = groups.abs().mean(-1).clamp_min(1e-8)
         scales = round_scale(reference * scale_mult, scale_format)
     else:
         reference = scales = fixed_scales
-    ratio = groups / reference.unsqueeze(-1)
-    trits = torch.where(ratio.abs() > threshold, ratio.sign(), torch.zeros_like(ratio))
-    return trits.to(torch.int8).reshape(w.shape), scales
+    return groups / reference.unsqueeze(-1), scales
+
+
+def ternary_quantize(w: Tensor, group_size: int, scale_format: str, threshold: float | Tensor = 0.5,
+                     scale_mult: float | Tensor = 1.0, fixed_scales: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """BitNet b1.58: trits (int8 {-1,0,1}) and per-group scales [out, in/group] as stored.
+    A weight becomes +-1 where |w| exceeds `threshold` times its group's absmean (0.5 is plain rounding)."""
+    ratio, scales = ternary_ratios(w, group_size, scale_format, scale_mult, fixed_scales)
+    trits = (ratio > threshold).to(torch.int8) - (ratio < -threshold).to(torch.int8)
+    return trits.reshape(w.shape), scales
+
+
+def ternary_weight(w: Tensor, group_size: int, scale_format: str, threshold: float | Tensor = 0.5,
+                   scale_mult: float | Tensor = 1.0, fixed_scales: Tensor | None = None) -> Tensor:
+    """ternary_dequantize(*ternary_quantize(...)), bit for bit, without the int8 trits in between:
+    each weight is exactly +scale, -scale or 0 (the forward's fast path)."""
+    ratio, scales = ternary_ratios(w, group_size, scale_format, scale_mult, fixed_scales)
+    scale = scales.unsqueeze(-1)
+    return torch.where(ratio > threshold, scale, torch.where(ratio < -threshold, -scale, 0.0)).reshape(w.shape)
 
 
 def ternary_dequantize(trits: Tensor, scales: Tensor, group_size: int) -> Tensor:
@@ -752,6 +777,25 @@ def parameter_roles(model: nn.Module) -> dict[str, str]:
     return roles
 
 
+INT8_FP16_MAX_NUMEL = 65536  # the baseline keeps tensors this small in fp16
+
+
+def fp_protected(name: str, args: Hyperparameters) -> bool:
+    return any(part and part in name for part in args.export_fp16_patterns.split(","))
+
+
+def storage_format(name: str, role: str | None, numel: int, args: Hyperparameters) -> str:
+    """How export stores a tensor that is not a ternary layer's weight: fp16, int8, fp8 or fp4 (`role` None: a
+    buffer). The model's forward round-trips every fp8/fp4 one through its format while training
+    (GPT.simulate_storage), so the artifact holds what was trained; int8 (the baseline's export) stays post-hoc."""
+    if name == "tok_emb.weight" and args.fp_storage_sim != "none":
+        return args.fp_storage_sim
+    if (role is None or not ROLES[role].quantizable or fp_protected(name, args)
+            or (args.export_format == "int8_zlib" and numel <= INT8_FP16_MAX_NUMEL)):
+        return "fp16"
+    return "int8" if args.export_format == "int8_zlib" else args.export_fp_format
+
+
 def with_roles(module: nn.Module, **roles: str) -> nn.Module:
     """`module` with the roles of its own parameters declared (for library modules such as nn.Embedding)."""
     module.param_roles = roles
@@ -776,16 +820,29 @@ class TernaryLinear(nn.Linear):
         self.register_buffer("scale_mult", torch.tensor(1.0), persistent=False)
         self.register_buffer("fixed_scales", None, persistent=False)
         self.register_buffer("hadamard", hadamard_matrix(group_size) if rotate else None, persistent=False)
+        self._quantized_cache: tuple[tuple, Tensor] | None = None  # (versions of its inputs, quantized_weight)
 
     def quantized(self, weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Trits and scales of `weight` (default: this layer's) under this layer's quantization settings."""
         return ternary_quantize(self.weight if weight is None else weight, self.group_size, self.scale_format,
                                 self.threshold, self.scale_mult, self.fixed_scales)
 
+    def quantized_weight(self) -> Tensor:
+        """The dequantized weight the forward computes with (exactly what export stores). Eagerly it is recomputed
+        only when the weight or a quantization buffer changed (every in-place update bumps a tensor's version),
+        so gradient-accumulation micro-steps, evaluation batches and calibration probes share one quantization;
+        under torch.compile it is part of the compiled graph instead."""
+        settings = (self.group_size, self.scale_format, self.threshold, self.scale_mult, self.fixed_scales)
+        if torch.compiler.is_compiling():
+            return ternary_weight(self.weight, *settings)
+        key = tuple((t._version, t.data_ptr()) if t is not None else None
+                    for t in (self.weight, self.threshold, self.scale_mult, self.fixed_scales))
+        if self._quantized_cache is None or self._quantized_cache[0] != key:
+            self._quantized_cache = (key, ternary_weight(self.weight, *settings))
+        return self._quantized_cache[1]
+
     def forward(self, x: Tensor) -> Tensor:
-        trits, scales = self.quantized()
-        q = ternary_dequantize(trits, scales, self.group_size)
-        w = self.weight + (q.to(self.weight.dtype) - self.weight).detach()  # straight-through estimator
+        w = straight_through(self.weight, self.quantized_weight())
         if self.hadamard is not None:
             x = rotate_blocks(x, self.hadamard)
         return F.linear(x, w.to(x.dtype))
@@ -797,9 +854,11 @@ class CastedLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, role: str = "matrix"):
         super().__init__(in_features, out_features, bias=False)
         self.param_roles = {"weight": role}
+        self.storage_format: str | None = None  # fp8/fp4: the forward uses the weight as export stores it
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight.to(x.dtype))
+        w = self.weight if self.storage_format is None else fp_fake_quant(self.weight, self.storage_format)
+        return F.linear(x, w.to(x.dtype))
 
 
 def make_linear(args: Hyperparameters, in_features: int, out_features: int) -> nn.Linear:
@@ -951,6 +1010,21 @@ class GPT(nn.Module):
         # fitted after training on training tokens; part of the artifact
         self.register_buffer("logit_temperature", torch.tensor(1.0) if args.eval_temperature_fit else None)
         self._init_weights()
+        self.embed_format: str | None = None
+        self.simulate_storage(args)
+
+    def simulate_storage(self, args: Hyperparameters | None) -> None:
+        """Let the forward compute with every fp8/fp4-stored matrix (storage_format) exactly as export will store
+        it. None: compute with the weights as they are (a model loaded from an artifact holds the stored values)."""
+        roles, params = parameter_roles(self), dict(self.named_parameters())
+
+        def simulated(name: str) -> str | None:
+            fmt = storage_format(name, roles[name], params[name].numel(), args) if args is not None else "fp16"
+            return fmt if fmt in ("fp8", "fp4") else None
+        for prefix, module in self.named_modules():
+            if isinstance(module, CastedLinear):
+                module.storage_format = simulated(f"{prefix}.weight")
+        self.embed_format = simulated("tok_emb.weight")
 
     def _init_weights(self) -> None:
         std = self.args.tied_embed_init_std if self.args.tie_embeddings else 1.0 / math.sqrt(self.tok_emb.embedding_dim)
@@ -967,7 +1041,7 @@ class GPT(nn.Module):
 
     def embedding_weight(self) -> Tensor:
         w = self.tok_emb.weight
-        return fp_fake_quant(w, self.args.fp_storage_sim) if self.args.fp_storage_sim != "none" else w
+        return w if self.embed_format is None else fp_fake_quant(w, self.embed_format)
 
     def hidden_states(self, input_ids: Tensor) -> Tensor:
         x = F.embedding(input_ids, self.embedding_weight())
@@ -1648,7 +1722,6 @@ MODEL_SETTINGS = ("NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_M
                   "TIE_EMBEDDINGS", "ROPE_BASE", "ROPE_DIMS", "QK_NORM", "LOGIT_SOFTCAP", "SOFTCAP_TYPE", "WEIGHT_QUANT",
                   "TERNARY_GROUP_SIZE", "TERNARY_SCALE_FORMAT", "FP_STORAGE_SIM", "TURBO_QUANT_TRAIN", "EVAL_TEMPERATURE_FIT")
 CLIP_RATIOS = (1.0, 0.995, 0.99, 0.98, 0.96, 0.93, 0.9, 0.85, 0.8)
-INT8_FP16_MAX_NUMEL = 65536  # the baseline keeps tensors this small in fp16
 
 
 class ArtifactError(ValueError):
@@ -1732,14 +1805,10 @@ def unpack_nibbles(data: bytes, count: int) -> np.ndarray:
     return np.stack((packed & 15, packed >> 4), axis=1).reshape(-1)[:count]
 
 
-def fp_protected(name: str, args: Hyperparameters) -> bool:
-    return any(part and part in name for part in args.export_fp16_patterns.split(","))
-
-
 def encode_rows(w: Tensor, fmt: str, clip: float) -> tuple[Tensor, Tensor]:
     """(codes, fp16-exact per-row scales) for fp8, fp4 or int8 storage of a 2-D tensor."""
     if fmt == "int8":
-        scale = (w.abs().amax(dim=-1, keepdim=True) * clip / 127.0).clamp_min(1e-12).to(torch.float16).float()
+        scale = fp16_scale(w.abs().amax(dim=-1, keepdim=True) * clip / 127.0)
         return (w / scale).round().clamp(-127, 127).to(torch.int8), scale
     scale = fp_row_scale(w, fmt, clip)
     return (fp8_encode(w, scale) if fmt == "fp8" else fp4_encode(w, scale)), scale
@@ -1785,17 +1854,10 @@ def encode_tensor(name: str, t: Tensor, module: nn.Module | None, role: str | No
             arrays["scales"] = fp8_encode(scales.cpu(), factor.cpu()).view(torch.uint8).numpy()
             meta["scale_factor"] = float(factor)
         return TensorRecord(name, "ternary", shape, arrays, meta)
-    simulated = args.fp_storage_sim != "none" and name == "tok_emb.weight"  # stored as training simulated it
-    if simulated:
-        fmt = args.fp_storage_sim
-    elif (role is None or not ROLES[role].quantizable or fp_protected(name, args)
-          or (args.export_format == "int8_zlib" and t.numel() <= INT8_FP16_MAX_NUMEL)):
-        fmt = "fp16"
-    else:
-        fmt = "int8" if args.export_format == "int8_zlib" else args.export_fp_format
+    fmt = storage_format(name, role, t.numel(), args)
     if fmt == "fp16":
         return TensorRecord(name, "fp16", shape, {"values": t.to(torch.float16).numpy()}, {})
-    clip = 1.0 if simulated else best_clip(t, fmt, args.export_clip_search)
+    clip = best_clip(t, fmt, args.export_clip_search) if fmt == "int8" else 1.0  # fp8/fp4: stored as trained
     codes, scale = encode_rows(t, fmt, clip)
     codes = codes.view(torch.uint8) if fmt == "fp8" else codes
     return TensorRecord(name, fmt, shape, {"codes": codes.numpy(), "scales": scale.to(torch.float16).numpy()},
@@ -2021,6 +2083,7 @@ def model_from_records(config: dict, records: list[TensorRecord], args: Hyperpar
         except (RuntimeError, ValueError, KeyError, TypeError, ArithmeticError) as error:
             raise ArtifactError(f"tensor {record.name} of the artifact does not decode ({error!r})") from None
     model.load_state_dict(state)
+    model.simulate_storage(None)
     model.export_name = config.get("EXPORT_NAME", "artifact")  # names the round-trip line, e.g. ternary_brotli
     return model
 

@@ -1,7 +1,9 @@
-"""The CPU proxy track: our config against the official baseline's, same data, same caps.
+"""The CPU proxy track: our configurations against the official baseline's, same data, same caps.
 
-    python bench/proxy.py                       # both entries, 10 minutes of training each
-    python bench/proxy.py --quick               # both entries, 2 minutes each (smoke check)
+    python bench/proxy.py                       # ours and baseline, 10 minutes of training each
+    python bench/proxy.py --seeds 3             # each entry with seeds 1337, 1338, 1339: mean +- std, ratio
+    python bench/proxy.py --only ours_fp8 baseline   # chosen entries (ours, ours_fp8, baseline)
+    python bench/proxy.py --quick               # 2 minutes each (smoke check)
     python bench/proxy.py --only ours --minutes 5   # the issue-3 benchmark: 5 minutes of 4 x 256
     python bench/proxy.py --data-only           # build (or reuse) the proxy data and stop
 
@@ -10,14 +12,18 @@ the 16 MB cap; code bytes reported beside) and a training wall clock of 10 minut
 Data: an sp1024 tokenizer trained by data/prepare.py on the training documents of
 ../shared/corpus/english_docs_dev.jsonl.gz (the offline stdlib corpus when ../shared
 is absent), validation on its first --val-docs documents; built once into
-bench/out/proxy_data and reused. Prints round-trip val_bpb, tokens/s, steps, model
-and code bytes per entry, then the val_bpb ratio ours / baseline; writes
-bench/out/proxy_<timestamp>.json. Exits non-zero when an entry fails or is over the cap.
+bench/out/proxy_data and reused. Runs go seed by seed, every entry back to back within
+a seed. Prints round-trip val_bpb, tokens/s, steps, model and code bytes per run, then
+per entry the mean +- std (sample std over seeds) and the val_bpb ratio of each of ours
+to the baseline (ratio of means, with the std propagated from both); writes
+bench/out/proxy_<timestamp>.json. Exits non-zero when a run fails or is over the cap.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import subprocess
 import sys
 import time
@@ -32,7 +38,11 @@ OUT_DIR = REPO_ROOT / "bench" / "out"
 DATA_DIR = OUT_DIR / "proxy_data"
 SHARED_CORPUS = REPO_ROOT.parent / "shared" / "corpus" / "english_docs_dev.jsonl.gz"
 MODEL_BYTES_CAP = 2_000_000
-ENTRIES = {"ours": "configs/cpu_proxy.env", "baseline": "configs/baseline_cpu_proxy.env"}
+ENTRIES = {"ours": "configs/cpu_proxy.env", "ours_fp8": "configs/cpu_proxy_fp8.env",
+           "baseline": "configs/baseline_cpu_proxy.env"}
+DEFAULT_ENTRIES = ("ours", "baseline")
+BASELINE = "baseline"
+FIRST_SEED = 1337
 BUILD_STAMP = "proxy_build.json"
 
 
@@ -63,21 +73,22 @@ def ensure_proxy_data(val_docs: int, rebuild: bool) -> dict:
 
 # ----------------------------------------------------------------------------- entries
 
-def run_entry(name: str, data_manifest: dict, seconds: float, stamp: str) -> dict:
-    """Train one entry under the proxy caps; return its final figures."""
-    run_id = f"proxy_{stamp}_{name}"
+def run_entry(name: str, data_manifest: dict, seconds: float, stamp: str, seed: int) -> dict:
+    """Train one entry with one seed under the proxy caps; return its final figures."""
+    run_id = f"proxy_{stamp}_{name}_seed{seed}"
     log_path = OUT_DIR / "logs" / f"{run_id}.log"
     env = trainrun.run_env(REPO_ROOT / ENTRIES[name], {
         "DATA_PATH": str(DATA_DIR),
         "TOKENIZER_PATH": data_manifest["tokenizer_path"],
         "MAX_WALLCLOCK_SECONDS": seconds,
+        "SEED": seed,
         "RUN_ID": run_id,
         "LOG_DIR": str(OUT_DIR / "logs"),
     })
-    print(f"\n== {name}: {ENTRIES[name]}, {seconds:.0f} s of training, log {log_path}", flush=True)
+    print(f"\n== {name} seed {seed}: {ENTRIES[name]}, {seconds:.0f} s of training, log {log_path}", flush=True)
     returncode = trainrun.train(env, log_path)
     figures = runlog.parse_log_file(log_path).summary()
-    figures.update(entry=name, env_file=ENTRIES[name], log=str(log_path), returncode=returncode)
+    figures.update(entry=name, seed=seed, env_file=ENTRIES[name], log=str(log_path), returncode=returncode)
     figures["problems"] = entry_problems(figures)
     return figures
 
@@ -102,24 +113,50 @@ def entry_problems(figures: dict) -> list[str]:
 
 # ----------------------------------------------------------------------------- report
 
-def print_report(results: list[dict], ratio: float | None) -> None:
+def print_report(results: list[dict], stats: dict[str, dict]) -> None:
     fmt = runlog.fmt
-    rows = [[r["entry"], fmt(r["val_bpb"], ".4f"), fmt(r["tok_s"], ",.0f"), fmt(r["steps"], "d"),
+    rows = [[r["entry"], str(r.get("seed", "")), fmt(r["val_bpb"], ".4f"), fmt(r["tok_s"], ",.0f"), fmt(r["steps"], "d"),
              fmt(r["model_bytes"], ",d"), fmt(r["code_bytes"], ",d")] for r in results]
     print()
-    print(runlog.text_table(["entry", "val_bpb", "tok/s", "steps", "model bytes", "code bytes"], rows))
+    print(runlog.text_table(["entry", "seed", "val_bpb", "tok/s", "steps", "model bytes", "code bytes"], rows))
     for r in results:
         if r["problems"]:
-            print(f"{r['entry']} FAILED: " + "; ".join(r["problems"]))
-    if ratio is not None:
-        print(f"val_bpb ratio ours / baseline: {ratio:.4f}  (< 1: ours is better)")
+            print(f"{r['entry']} seed {r.get('seed')} FAILED: " + "; ".join(r["problems"]))
+    if stats:
+        print()
+        for name, st in stats.items():
+            line = f"{name}: val_bpb {st['mean']:.4f} +- {st['std']:.4f} over {st['n']} seed(s)"
+            if st.get("ratio") is not None:
+                line += f"; ratio to {BASELINE} {st['ratio']:.4f} +- {st['ratio_std']:.4f} (< 1: ours is better)"
+            print(line)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def entry_stats(results: list[dict]) -> dict[str, dict]:
+    """Per entry over its runs without problems: mean and sample std of val_bpb, and for ours the ratio of the
+    mean to the baseline's mean with its propagated std. An entry with a failed run gets no figures."""
+    names = list(dict.fromkeys(r["entry"] for r in results))
+    stats = {}
+    for name in names:
+        runs = [r for r in results if r["entry"] == name]
+        if any(r["problems"] for r in runs):
+            continue
+        mean, std = mean_std([r["val_bpb"] for r in runs])
+        stats[name] = {"mean": mean, "std": std, "n": len(runs), "seeds": [r.get("seed") for r in runs]}
+    base = stats.get(BASELINE)
+    for name, st in stats.items():
+        if base is not None and name != BASELINE:
+            st["ratio"] = st["mean"] / base["mean"]
+            st["ratio_std"] = st["ratio"] * math.hypot(st["std"] / st["mean"], base["std"] / base["mean"])
+    return stats
 
 
 def bpb_ratio(results: list[dict]) -> float | None:
-    by_name = {r["entry"]: r for r in results if not r["problems"]}
-    if "ours" in by_name and "baseline" in by_name:
-        return by_name["ours"]["val_bpb"] / by_name["baseline"]["val_bpb"]
-    return None
+    """val_bpb ours / baseline (means over seeds); None unless both entries ran without problems."""
+    return entry_stats(results).get("ours", {}).get("ratio")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -127,11 +164,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     clock = parser.add_mutually_exclusive_group()
     clock.add_argument("--quick", action="store_true", help="2 minutes of training per entry")
     clock.add_argument("--minutes", type=float, default=10.0, help="training minutes per entry (default 10)")
-    parser.add_argument("--only", choices=sorted(ENTRIES), help="run one entry only")
+    parser.add_argument("--only", nargs="+", choices=sorted(ENTRIES), metavar="ENTRY",
+                        help=f"run these entries ({', '.join(ENTRIES)}; default: {' '.join(DEFAULT_ENTRIES)})")
+    parser.add_argument("--seeds", type=int, default=1, help=f"seeds per entry, {FIRST_SEED} upwards (default 1)")
     parser.add_argument("--val-docs", type=int, default=50, help="held-out validation documents (default 50)")
     parser.add_argument("--rebuild-data", action="store_true", help="rebuild the proxy data even if present")
     parser.add_argument("--data-only", action="store_true", help="build or reuse the proxy data, then stop")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
+    return args
 
 
 def main(argv=None) -> int:
@@ -141,14 +183,15 @@ def main(argv=None) -> int:
         return 0
     seconds = 120.0 if args.quick else args.minutes * 60
     stamp = time.strftime("%Y%m%d_%H%M%S")
-    names = [args.only] if args.only else list(ENTRIES)
-    results = [run_entry(name, data_manifest, seconds, stamp) for name in names]
-    ratio = bpb_ratio(results)
-    print_report(results, ratio)
-    summary = {"timestamp": stamp, "train_seconds": seconds, "model_bytes_cap": MODEL_BYTES_CAP,
+    names = args.only or list(DEFAULT_ENTRIES)
+    results = [run_entry(name, data_manifest, seconds, stamp, seed)
+               for seed in range(FIRST_SEED, FIRST_SEED + args.seeds) for name in names]
+    stats = entry_stats(results)
+    print_report(results, stats)
+    summary = {"timestamp": stamp, "train_seconds": seconds, "model_bytes_cap": MODEL_BYTES_CAP, "seeds": args.seeds,
                "data": {"dir": str(DATA_DIR), "sources": data_manifest.get("sources"),
                         "val_tokens": data_manifest.get("val", {}).get("tokens")},
-               "entries": results, "val_bpb_ratio_ours_over_baseline": ratio}
+               "entries": results, "stats": stats, "val_bpb_ratio_ours_over_baseline": bpb_ratio(results)}
     summary_path = OUT_DIR / f"proxy_{stamp}.json"
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"summary: {summary_path}")

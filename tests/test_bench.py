@@ -54,3 +54,20 @@ def test_an_entry_that_did_not_train_is_a_problem():
     figures = entry()
     figures["steps"] = None  # e.g. EVAL_ARTIFACT left in the environment: evaluation only
     assert any("did not train" in p for p in proxy.entry_problems(figures))
+
+
+def test_seeds_give_mean_std_and_the_ratio_of_means():
+    results = [entry("ours", 1.2), entry("baseline", 1.5), entry("ours", 1.4), entry("baseline", 1.5)]
+    stats = proxy.entry_stats(results)
+    assert stats["ours"]["mean"] == pytest.approx(1.3) and stats["ours"]["std"] == pytest.approx(0.1414, abs=1e-4)
+    assert stats["baseline"]["std"] == 0.0 and "ratio" not in stats["baseline"]
+    assert stats["ours"]["ratio"] == pytest.approx(1.3 / 1.5)
+    assert stats["ours"]["ratio_std"] == pytest.approx(1.3 / 1.5 * 0.1414 / 1.3, abs=1e-4)
+    assert proxy.bpb_ratio(results) == pytest.approx(1.3 / 1.5)
+    assert "ours" not in proxy.entry_stats(results + [entry("ours", 1.2, returncode=1)])
+
+
+def test_seeds_must_be_positive():
+    with pytest.raises(SystemExit):
+        proxy.parse_args(["--seeds", "0"])
+    assert proxy.parse_args(["--seeds", "3", "--only", "ours_fp8", "baseline"]).only == ["ours_fp8", "baseline"]
