@@ -43,12 +43,23 @@ from torch import Tensor, nn
 # Every setting is an environment variable. Names shared with the official
 # baseline keep its spelling. Any variable that starts with one of ENV_PREFIXES
 # (or ends with ENV_SUFFIXES) but is not a setting stops the run: a typo must
-# never fall back to a default silently.
-ENV_PREFIXES = ("SKC_", "TTT_", "EVAL_", "CALIB_", "MUON_", "ADAM_", "EXPORT_", "TERNARY_", "TURBO_QUANT_",
-                "ENGRAM_", "MOE_", "CAPSULE_", "KOOPMAN_", "EMA_", "SLIDING_", "TRAIN_", "VAL_", "WARMDOWN_",
-                "WARMUP_", "QK_", "ROPE_", "MLP_", "EMBED_", "LOGIT_", "SOFTCAP_", "NUM_", "MODEL_", "TIED_", "FP_",
-                "ATTN_", "SIZE_", "SUBMISSION_")
+# never fall back to a default silently. A prefix is reserved only once a
+# feature that owns it exists: a feature adds its prefix to this tuple in the
+# same change that adds its settings (see the README's feature-block convention).
+ENV_PREFIXES = ("TTT_", "EVAL_", "CALIB_", "MUON_", "ADAM_", "EXPORT_", "TERNARY_", "TURBO_QUANT_", "EMA_", "SLIDING_",
+                "TRAIN_", "VAL_", "WARMDOWN_", "WARMUP_", "QK_", "ROPE_", "MLP_", "EMBED_", "LOGIT_", "SOFTCAP_", "NUM_",
+                "MODEL_", "TIED_", "FP_", "ATTN_", "SIZE_", "SUBMISSION_")
 ENV_SUFFIXES = ("_LR",)
+
+# `build_submission.py extract` rewrites these two in the file it writes; the full trainer removes and folds
+# nothing. REMOVED_SETTINGS: NAME -> the value the file was extracted with (the only value it still accepts,
+# so the same env file can drive it). folded_branches(args): (value now, value at extraction, source) of each
+# branch condition the extraction replaced by a constant; a setting that would flip one stops the run.
+REMOVED_SETTINGS: dict[str, str] = {}
+
+
+def folded_branches(args) -> tuple:
+    return ()
 
 
 # Variables of the shell, launchers and libraries that we run beside: never taken for a misspelt setting.
@@ -158,8 +169,6 @@ class Hyperparameters:
         "VAL_MAX_TOKENS": Setting(0, lo=0),
         "TRAIN_LOG_EVERY": Setting(200, lo=1),
         "GRAD_CLIP_NORM": Setting(0.0, lo=0.0),
-        "EMA_DECAY": Setting(0.0, lo=0.0, hi=0.999999),
-        "EMA_START_FRAC": Setting(0.5, lo=0.0, hi=1.0),
         "MODEL_COMPILE": Setting("auto", choices=("auto", "0", "1")),
         # model
         "NUM_LAYERS": Setting(12, lo=1, hi=256),
@@ -168,7 +177,6 @@ class Hyperparameters:
         "NUM_KV_HEADS": Setting(4, lo=1, hi=256),
         "MLP_MULT": Setting(3.0, lo=0.25, hi=16.0),
         "MLP_ACT": Setting("relu2", choices=("relu2", "leaky_relu2")),
-        "EMBED_DIM": Setting(0, lo=0, hi=16384),  # 0: MODEL_DIM; smaller: factored tied embedding
         "TIE_EMBEDDINGS": Setting(True),
         "TIED_EMBED_INIT_STD": Setting(0.005, lo=0.0),
         "ROPE_BASE": Setting(10000.0, lo=1.0),
@@ -181,9 +189,7 @@ class Hyperparameters:
         "WEIGHT_QUANT": Setting("ternary", choices=("ternary", "none")),
         "TERNARY_GROUP_SIZE": Setting(128, lo=1, hi=16384),
         "TERNARY_SCALE_FORMAT": Setting("fp16", choices=("fp16", "fp8")),  # how per-group scales are stored
-        "FP_STORAGE_SIM": Setting("none", choices=("none", "fp8", "fp4")),
         "ATTN_BACKEND": Setting("auto", choices=("auto", "fa3", "fa2", "sdpa")),
-        "TURBO_QUANT_TRAIN": Setting(False),  # train ternary layers in a blockwise-Hadamard-rotated input basis
         # optimizers
         "EMBED_LR": Setting(0.6, lo=0.0),
         "HEAD_LR": Setting(0.008, lo=0.0),
@@ -206,28 +212,42 @@ class Hyperparameters:
         "EXPORT_FP16_PATTERNS": Setting("tok_emb,lm_head"),  # comma-separated name parts always kept in fp16
         "EXPORT_CLIP_SEARCH": Setting(True),  # int8 export: per-tensor clip ratio with the least error (GPTQ-lite)
         "EXPORT_CODEC": Setting("auto", choices=("auto", "brotli", "lzma")),
-        "TURBO_QUANT_EXPORT": Setting(False),  # Hadamard-rotate ternary weights before export quantization
         "SIZE_CAP_BYTES": Setting(16_000_000, lo=1),
         "SIZE_MARGIN_BYTES": Setting(20_000, lo=0),
         "SUBMISSION_MODE": Setting(False),  # fail the run when code + model + margin exceed the cap
-        "CALIB_MAX_EVALS": Setting(0, lo=0),  # 0: no calibration
-        "CALIB_MAX_SECONDS": Setting(30.0, lo=0.0),
-        "CALIB_TOKENS": Setting(32768, lo=1),  # training tokens per proxy evaluation (all ranks together)
-        "CALIB_MIN_PARAMS": Setting(65536, lo=0),  # size prefilter: smaller tensors keep their defaults
+        "CALIB_TOKENS": Setting(32768, lo=1),  # training tokens a post-training fit reads (all ranks together)
+        "CALIB_MAX_SECONDS": Setting(30.0, lo=0.0),  # the post-training fits' share of MAX_WALLCLOCK_SECONDS
         # evaluation
         "EVAL_ARTIFACT": Setting(""),  # path: skip training and evaluate this artifact
         "EVAL_SEQ_LEN": Setting(0, lo=0),  # 0: TRAIN_SEQ_LEN
-        "SLIDING_EVAL_STRIDE": Setting(0, lo=0),  # 0: no sliding-window mode
         "EVAL_CHUNK_TOKENS": Setting(32768, lo=1),  # score-first chunk for TTT and EvalEngram
         "EVAL_MAX_SECONDS": Setting(600.0, lo=0.0),
         "EVAL_DUMP_TOKEN_LOSSES": Setting(""),  # path.npz: per-target losses and bytes of every mode
+        # feature: ema
+        "EMA_DECAY": Setting(0.0, lo=0.0, hi=0.999999),  # 0: off
+        "EMA_START_FRAC": Setting(0.5, lo=0.0, hi=1.0),
+        # feature: factored_embedding
+        "EMBED_DIM": Setting(0, lo=0, hi=16384),  # 0: off (MODEL_DIM); smaller: factored tied embedding
+        # feature: fp_storage_sim
+        "FP_STORAGE_SIM": Setting("none", choices=("none", "fp8", "fp4")),
+        # feature: turbo_quant
+        "TURBO_QUANT_TRAIN": Setting(False),  # train ternary layers in a blockwise-Hadamard-rotated input basis
+        "TURBO_QUANT_EXPORT": Setting(False),  # Hadamard-rotate ternary weights before export quantization
+        # feature: calibration
+        "CALIB_MAX_EVALS": Setting(0, lo=0),  # 0: off
+        "CALIB_MIN_PARAMS": Setting(65536, lo=0),  # size prefilter: smaller tensors keep their defaults
+        # feature: temperature_fit
         "EVAL_TEMPERATURE_FIT": Setting(False),  # fit a logit temperature on training tokens
+        # feature: sliding_window
+        "SLIDING_EVAL_STRIDE": Setting(0, lo=0),  # 0: off
+        # feature: eval_engram
         "EVAL_ENGRAM": Setting(False),
         "EVAL_ENGRAM_ORDER": Setting(2, lo=2, hi=4),
         "EVAL_ENGRAM_BUCKETS": Setting(16384, lo=1),  # context buckets for orders above 2
         "EVAL_ENGRAM_ALPHA": Setting(0.1, lo=1e-6),  # Laplace smoothing
         "EVAL_ENGRAM_WEIGHT": Setting(0.5, lo=0.0),
         "EVAL_ENGRAM_CENTER": Setting(3.0),  # model entropy (nats) where the gate is half open
+        # feature: ttt
         "TTT_ENABLED": Setting(False),
         "TTT_SCOPE": Setting("scalars", choices=("scalars", "all")),
         "TTT_LR": Setting(0.002, lo=0.0),
@@ -241,9 +261,21 @@ class Hyperparameters:
         self._reject_unknown(env)
         for name, setting in self.SETTINGS.items():
             raw = env.get(name)
-            setattr(self, name.lower(), setting.default if raw is None else _parse_setting(name, raw, setting))
+            object.__setattr__(self, name.lower(), setting.default if raw is None else _parse_setting(name, raw, setting))
         self._resolve_warmdown(env)
         self._check_relations()
+
+    def __setattr__(self, name: str, value) -> None:
+        raise AttributeError(f"Hyperparameters are read-only after construction (tried to set {name}): a value resolved "
+                             "at start-up or a changed configuration is a new object, Hyperparameters.replace(...)")
+
+    def replace(self, values: dict[str, object]) -> Hyperparameters:
+        """A new configuration: this one with some settings (NAME -> typed value) replaced, checked like a fresh one."""
+        other = object.__new__(Hyperparameters)
+        other.__dict__.update(self.__dict__)
+        other.__dict__.update({name.lower(): value for name, value in values.items() if name in self.SETTINGS})
+        other._check_relations()
+        return other
 
     def _resolve_warmdown(self, env) -> None:
         """WARMDOWN_ITERS > 0 (the official baseline's schedule) replaces the default WARMDOWN_FRACTION;
@@ -253,11 +285,17 @@ class Hyperparameters:
                 raise ConfigError(f"WARMDOWN_ITERS={self.warmdown_iters} and WARMDOWN_FRACTION={self.warmdown_fraction} "
                                   "both set the warm-down: set WARMDOWN_FRACTION=0 to use WARMDOWN_ITERS, or unset "
                                   "WARMDOWN_ITERS")
-            self.warmdown_fraction = 0.0
+            object.__setattr__(self, "warmdown_fraction", 0.0)
 
     @classmethod
     def _reject_unknown(cls, env) -> None:
         for name in sorted(env):
+            if name in REMOVED_SETTINGS:
+                if env[name] != REMOVED_SETTINGS[name]:
+                    raise ConfigError(f"{name}={env[name]!r}: this file was extracted with {name}={REMOVED_SETTINGS[name]!r} "
+                                      "and without the code that reads it; unset it, or extract again from train_gpt.py "
+                                      "with the changed config (build_submission.py extract)")
+                continue
             if name in cls.SETTINGS or name.startswith(FOREIGN_ENV_PREFIXES) or name in FOREIGN_ENV_NAMES:
                 continue
             close = close_setting(name, cls.SETTINGS)
@@ -278,9 +316,9 @@ class Hyperparameters:
         require(self.head_dim % 2 == 0, f"head dim MODEL_DIM/NUM_HEADS={self.head_dim} must be even for RoPE")
         require(self.rope_dims % 2 == 0 and self.rope_dims <= self.head_dim,
                 f"ROPE_DIMS={self.rope_dims} must be even and at most the head dim {self.head_dim}")
-        require(self.embed_dim <= self.model_dim, f"EMBED_DIM={self.embed_dim} must be at most MODEL_DIM={self.model_dim}")
-        require(self.tie_embeddings or self.embed_dim in (0, self.model_dim),
-                "EMBED_DIM factoring needs TIE_EMBEDDINGS=1")
+        require(self.embed_dim < self.model_dim, f"EMBED_DIM={self.embed_dim} must be below MODEL_DIM={self.model_dim} "
+                "(0: an unfactored embedding)")
+        require(self.tie_embeddings or not self.embed_dim, "EMBED_DIM factoring needs TIE_EMBEDDINGS=1")
         require(float(self.mlp_hidden) == self.mlp_mult * self.model_dim,
                 f"MLP_MULT*MODEL_DIM={self.mlp_mult * self.model_dim} must be a whole number")
         if self.turbo_quant_train or self.turbo_quant_export:
@@ -294,6 +332,9 @@ class Hyperparameters:
                 require(width % self.ternary_group_size == 0,
                         f"{label}={width} must divide by TERNARY_GROUP_SIZE={self.ternary_group_size} "
                         "(ternary scales are per group of input features)")
+        for now, extracted, source in folded_branches(self):
+            require(bool(now) == extracted, f"this file was extracted with `{source}` {extracted}; the settings make it "
+                    f"{bool(now)}: keep the extracted value, or extract again from train_gpt.py with the changed config")
 
     @property
     def head_dim(self) -> int:
@@ -721,20 +762,6 @@ def ternary_dequantize(trits: Tensor, scales: Tensor, group_size: int) -> Tensor
     return (groups * scales.unsqueeze(-1)).reshape(trits.shape)
 
 
-def hadamard_matrix(n: int) -> Tensor:
-    """Orthonormal Sylvester Hadamard matrix (n a power of two); symmetric, so it is its own inverse."""
-    h = torch.ones(1, 1)
-    while h.size(0) < n:
-        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
-    return h / math.sqrt(n)
-
-
-def rotate_blocks(x: Tensor, hadamard: Tensor) -> Tensor:
-    """Multiply each block of the last dim by the Hadamard matrix (TurboQuant's rotation)."""
-    n = hadamard.size(0)
-    return (x.reshape(*x.shape[:-1], -1, n) @ hadamard.to(x.dtype)).reshape(x.shape)
-
-
 # -----------------------------------------------------------------------------
 # Model: ternary U-Net GPT
 # -----------------------------------------------------------------------------
@@ -777,7 +804,9 @@ def parameter_roles(model: nn.Module) -> dict[str, str]:
     return roles
 
 
-INT8_FP16_MAX_NUMEL = 65536  # the baseline keeps tensors this small in fp16
+# --- feature: int8_zlib (EXPORT_FORMAT=int8_zlib) ---
+INT8_FP16_MAX_NUMEL = 65536  # the baseline's int8 + zlib export keeps tensors this small in fp16
+# --- end feature: int8_zlib ---
 
 
 def fp_protected(name: str, args: Hyperparameters) -> bool:
@@ -788,7 +817,7 @@ def storage_format(name: str, role: str | None, numel: int, args: Hyperparameter
     """How export stores a tensor that is not a ternary layer's weight: fp16, int8, fp8 or fp4 (`role` None: a
     buffer). The model's forward round-trips every fp8/fp4 one through its format while training
     (GPT.simulate_storage), so the artifact holds what was trained; int8 (the baseline's export) stays post-hoc."""
-    if name == "tok_emb.weight" and args.fp_storage_sim != "none":
+    if args.fp_storage_sim != "none" and role == "embed":
         return args.fp_storage_sim
     if (role is None or not ROLES[role].quantizable or fp_protected(name, args)
             or (args.export_format == "int8_zlib" and numel <= INT8_FP16_MAX_NUMEL)):
@@ -807,19 +836,17 @@ class TernaryLinear(nn.Linear):
 
     The buffers hold what calibration chose (threshold, scale multiplier) and, in a model loaded from an
     artifact, the exact stored scales; the exporter reads trits and scales through quantized(), so the
-    artifact holds exactly what the forward used. With `rotate`, inputs pass through a blockwise Hadamard
-    rotation (TurboQuant) and the weight lives in the rotated basis.
+    artifact holds exactly what the forward used.
     """
 
     param_roles = {"weight": "matrix"}
 
-    def __init__(self, in_features: int, out_features: int, group_size: int, scale_format: str, rotate: bool = False):
+    def __init__(self, in_features: int, out_features: int, group_size: int, scale_format: str):
         super().__init__(in_features, out_features, bias=False)
         self.group_size, self.scale_format = group_size, scale_format
         self.register_buffer("threshold", torch.tensor(0.5), persistent=False)
         self.register_buffer("scale_mult", torch.tensor(1.0), persistent=False)
         self.register_buffer("fixed_scales", None, persistent=False)
-        self.register_buffer("hadamard", hadamard_matrix(group_size) if rotate else None, persistent=False)
         self._quantized_cache: tuple[tuple, Tensor] | None = None  # (versions of its inputs, quantized_weight)
 
     def quantized(self, weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -843,9 +870,34 @@ class TernaryLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         w = straight_through(self.weight, self.quantized_weight())
-        if self.hadamard is not None:
-            x = rotate_blocks(x, self.hadamard)
         return F.linear(x, w.to(x.dtype))
+
+
+# --- feature: turbo_quant (TURBO_QUANT_TRAIN, TURBO_QUANT_EXPORT) ---
+def hadamard_matrix(n: int) -> Tensor:
+    """Orthonormal Sylvester Hadamard matrix (n a power of two); symmetric, so it is its own inverse."""
+    h = torch.ones(1, 1)
+    while h.size(0) < n:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return h / math.sqrt(n)
+
+
+def rotate_blocks(x: Tensor, hadamard: Tensor) -> Tensor:
+    """Multiply each block of the last dim by the Hadamard matrix (TurboQuant's rotation)."""
+    n = hadamard.size(0)
+    return (x.reshape(*x.shape[:-1], -1, n) @ hadamard.to(x.dtype)).reshape(x.shape)
+
+
+class RotatedTernaryLinear(TernaryLinear):
+    """TurboQuant: inputs pass through a blockwise Hadamard rotation, so the ternary weight lives in the rotated basis."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, scale_format: str):
+        super().__init__(in_features, out_features, group_size, scale_format)
+        self.register_buffer("hadamard", hadamard_matrix(group_size), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(rotate_blocks(x, self.hadamard))
+# --- end feature: turbo_quant ---
 
 
 class CastedLinear(nn.Linear):
@@ -863,8 +915,8 @@ class CastedLinear(nn.Linear):
 
 def make_linear(args: Hyperparameters, in_features: int, out_features: int) -> nn.Linear:
     if args.weight_quant == "ternary":
-        return TernaryLinear(in_features, out_features, args.ternary_group_size, args.ternary_scale_format,
-                             rotate=args.turbo_quant_train)
+        layer = RotatedTernaryLinear if args.turbo_quant_train else TernaryLinear
+        return layer(in_features, out_features, args.ternary_group_size, args.ternary_scale_format)
     return CastedLinear(in_features, out_features)
 
 
@@ -1000,8 +1052,8 @@ class GPT(nn.Module):
         self.args = args
         embed_dim = args.embed_dim or args.model_dim
         self.tok_emb = with_roles(nn.Embedding(vocab_size, embed_dim), weight="embed")
-        self.embed_proj = CastedLinear(embed_dim, args.model_dim) if embed_dim != args.model_dim else None
-        self.head_proj = CastedLinear(args.model_dim, embed_dim) if embed_dim != args.model_dim else None
+        self.embed_proj = CastedLinear(embed_dim, args.model_dim) if args.embed_dim else None  # factored embedding
+        self.head_proj = CastedLinear(args.model_dim, embed_dim) if args.embed_dim else None
         self.lm_head = None if args.tie_embeddings else CastedLinear(args.model_dim, vocab_size, role="head")
         self.num_encoder_layers = args.num_layers // 2
         self.num_decoder_layers = args.num_layers - self.num_encoder_layers
@@ -1364,6 +1416,7 @@ def lr_scale(step: int, elapsed_ms: float, args: Hyperparameters, step_ms: float
     return warm * down
 
 
+# --- feature: ema (EMA_DECAY) ---
 class WeightEMA:
     """Exponential moving average of the float weights, applied at the end of training."""
 
@@ -1382,6 +1435,7 @@ class WeightEMA:
         state = model.state_dict()
         for name, t in self.shadow.items():
             state[name].copy_(t.to(state[name].dtype))
+# --- end feature: ema ---
 
 
 def train_step(model: nn.Module, loader: DistributedTokenLoader, args: Hyperparameters, rt: Runtime,
@@ -1546,7 +1600,7 @@ def train(args: Hyperparameters, rt: Runtime, log: Logger, model: GPT, val_ctx: 
         log(f"warmup_steps:{args.warmup_steps} done (weights and optimizer state restored) "
             f"step_ms:{warmup_step_ms:.1f}")
 
-    loader = DistributedTokenLoader(args.data_path, model.tok_emb.num_embeddings, rt.rank, rt.world_size, rt.device)
+    loader = DistributedTokenLoader(args.data_path, args.vocab_size, rt.rank, rt.world_size, rt.device)
     ema = None
     max_ms = 1000.0 * training_seconds(args)
     if args.max_wallclock_seconds > 0 and max_ms <= 0:
@@ -1616,7 +1670,7 @@ def train(args: Hyperparameters, rt: Runtime, log: Logger, model: GPT, val_ctx: 
     train_tok_s = step * tokens_per_step / max(train_ms / 1000.0, 1e-9)
     log(f"train_done steps:{step} train_time:{train_ms:.0f}ms tok_s:{train_tok_s:.0f}")
     log(f"peak_mem_mib:{peak_memory_mib(rt):.0f}")
-    if ema is not None:
+    if args.ema_decay > 0 and ema is not None:
         ema.copy_to(model)
         log(f"ema: applied decay {args.ema_decay} weights")
     return {"steps": step, "train_ms": train_ms, "tok_s": train_tok_s}
@@ -1630,10 +1684,6 @@ def train(args: Hyperparameters, rt: Runtime, log: Logger, model: GPT, val_ctx: 
 # budget (train() stops CALIB_MAX_SECONDS early). Every rank scores its share of the same batch and one
 # all-reduce per evaluation carries both the loss and the out-of-budget flag, so every rank takes every
 # decision together and no rank waits in a collective the others skipped.
-CALIB_THRESHOLDS = (0.4, 0.45, 0.55, 0.6, 0.7)
-CALIB_SCALE_MULTS = (0.9, 0.95, 1.05, 1.1)
-
-
 def calibration_batch(args: Hyperparameters, rt: Runtime) -> tuple[Tensor, Tensor]:
     """This rank's share of CALIB_TOKENS training tokens, from the start of the training stream."""
     local_tokens = max(args.train_seq_len, args.calib_tokens // rt.world_size // args.train_seq_len * args.train_seq_len)
@@ -1641,9 +1691,12 @@ def calibration_batch(args: Hyperparameters, rt: Runtime) -> tuple[Tensor, Tenso
     return loader.next_batch(local_tokens, args.train_seq_len)
 
 
+# --- feature: calibration (CALIB_MAX_EVALS) ---
+CALIB_THRESHOLDS = (0.4, 0.45, 0.55, 0.6, 0.7)
+CALIB_SCALE_MULTS = (0.9, 0.95, 1.05, 1.1)
+
+
 def calibrate_ternary(model: GPT, args: Hyperparameters, rt: Runtime, log: Logger) -> None:
-    if args.calib_max_evals == 0 or args.weight_quant != "ternary":
-        return
     t0 = time.perf_counter()
     layers = sorted(((m.weight.numel(), name, m) for name, m in model.named_modules()
                      if isinstance(m, TernaryLinear) and m.weight.numel() >= args.calib_min_params),
@@ -1685,14 +1738,14 @@ def calibrate_ternary(model: GPT, args: Hyperparameters, rt: Runtime, log: Logge
             dist.broadcast(layer.scale_mult, src=0)
     log(f"calibration evals:{evals} tensors:{len(layers)} changed:{changed} proxy_loss:{start_loss:.4f}->{best:.4f} "
         f"time:{1000.0 * (time.perf_counter() - t0):.0f}ms")
+# --- end feature: calibration ---
 
 
+# --- feature: temperature_fit (EVAL_TEMPERATURE_FIT) ---
 @torch.no_grad()
 def fit_temperature(model: GPT, args: Hyperparameters, rt: Runtime, log: Logger) -> None:
     """Fit the logit temperature on training tokens (inside the training budget, never on validation):
     every rank scores the same grid on its share and one all-reduce picks the same T everywhere."""
-    if not args.eval_temperature_fit:
-        return
     t0 = time.perf_counter()
     x, y = calibration_batch(args, rt)
     grid = torch.linspace(0.7, 1.3, 61, device=rt.device)
@@ -1703,6 +1756,7 @@ def fit_temperature(model: GPT, args: Hyperparameters, rt: Runtime, log: Logger)
     best = float(grid[int(torch.argmin(rt.all_reduce(losses)))])
     model.logit_temperature.fill_(float(torch.tensor(best).to(torch.float16)))  # as the artifact stores it
     log(f"temperature_fit T:{float(model.logit_temperature):.4f} time:{1000.0 * (time.perf_counter() - t0):.0f}ms")
+# --- end feature: temperature_fit ---
 
 
 # Artifact layout (our own format; loading never unpickles or executes anything):
@@ -1842,7 +1896,7 @@ def encode_tensor(name: str, t: Tensor, module: nn.Module | None, role: str | No
     shape = tuple(t.shape)
     if isinstance(module, TernaryLinear) and args.export_format == "ternary":
         weight = module.weight
-        if args.turbo_quant_export and module.hadamard is None:  # the loaded layer rotates its inputs to match
+        if args.turbo_quant_export and not isinstance(module, RotatedTernaryLinear):  # the loaded layer rotates to match
             weight = rotate_blocks(weight.detach(), hadamard_matrix(module.group_size))
         trits, scales = module.quantized(weight)
         arrays = {"trits": trits.cpu().numpy()}
@@ -1994,9 +2048,9 @@ def export_name(args: Hyperparameters) -> str:
     return "int8_zlib" if args.export_format == "int8_zlib" else f"ternary_{resolve_codec(args)}"
 
 
-def artifact_config(args: Hyperparameters) -> dict:
+def artifact_config(args: Hyperparameters, vocab_size: int) -> dict:
     config = {name: getattr(args, name.lower()) for name in MODEL_SETTINGS}
-    config["VOCAB_SIZE"] = args.vocab_size
+    config["VOCAB_SIZE"] = vocab_size
     config["EXPORT_NAME"] = export_name(args)
     config["TURBO_QUANT_TRAIN"] = args.turbo_quant_train or (args.turbo_quant_export and args.export_format == "ternary")
     return config
@@ -2017,7 +2071,7 @@ def export_model(model: GPT, args: Hyperparameters, log: Logger) -> ExportResult
     has_trits = any(r.encoding == "ternary" for r in records)
     candidates = []
     for packing in ("base3", "2bit") if has_trits else ("base3",):
-        payload, components = serialize_records(records, artifact_config(args), packing)
+        payload, components = serialize_records(records, artifact_config(args, model.tok_emb.num_embeddings), packing)
         candidates.append((len(blob := frame_artifact(payload, codec)), packing, blob, components))
     if has_trits:
         log("trit_packing " + " ".join(f"{p}:{n}" for n, p, _, _ in candidates) +
@@ -2029,7 +2083,7 @@ def export_model(model: GPT, args: Hyperparameters, log: Logger) -> ExportResult
 def artifact_model_args(config: dict, args: Hyperparameters) -> Hyperparameters:
     """`args` with the model settings an artifact carries, each checked as strictly as an environment value (type,
     range, choices, relations), so that a forged config fails here, before anything is allocated."""
-    model_args = copy.copy(args)
+    values = {}
     for name in MODEL_SETTINGS + ("VOCAB_SIZE",):
         if name not in config:
             raise ArtifactError(f"the artifact's config lacks {name}: it is not a file this trainer wrote")
@@ -2039,17 +2093,17 @@ def artifact_model_args(config: dict, args: Hyperparameters) -> Hyperparameters:
         if isinstance(value, bool) != (kind is bool) or not isinstance(value, accepted):
             raise ArtifactError(f"the artifact's config has {name}={value!r}, not a {kind.__name__}")
         try:
-            setattr(model_args, name.lower(), _parse_setting(name, str(value), setting))
+            values[name] = _parse_setting(name, str(value), setting)
         except ConfigError as error:
             raise ArtifactError(f"the artifact's config is invalid: {error}") from None
+    try:
+        model_args = args.replace(values)  # checks the relations too
+    except ConfigError as error:
+        raise ArtifactError(f"the artifact's config is invalid: {error}") from None
     if model_args.vocab_size < 2:
         raise ArtifactError(f"the artifact's config has VOCAB_SIZE={model_args.vocab_size}")
     if not re.fullmatch(r"\w{1,40}", str(config.get("EXPORT_NAME", "artifact"))):  # it names a log line
         raise ArtifactError(f"the artifact's config has EXPORT_NAME={config['EXPORT_NAME']!r}, not a short word")
-    try:
-        model_args._check_relations()
-    except ConfigError as error:
-        raise ArtifactError(f"the artifact's config is invalid: {error}") from None
     return model_args
 
 
@@ -2165,6 +2219,7 @@ def plan_windows(lo: int, hi: int, num_targets: int, seq_len: int, stride: int) 
     return windows
 
 
+# --- feature: eval_engram (EVAL_ENGRAM) ---
 class EvalEngram:
     """N-gram memory of the validation stream, built only from tokens already scored.
 
@@ -2201,6 +2256,7 @@ class EvalEngram:
         entropy = -(logp.exp() * logp).sum(-1, keepdim=True)
         gate = self.weight * torch.sigmoid(entropy - self.center)
         return torch.log_softmax(logp + gate * logq, dim=-1)
+# --- end feature: eval_engram ---
 
 
 class StreamContext(NamedTuple):
@@ -2290,18 +2346,18 @@ def evaluate_windows(model: GPT, ctx: StreamContext, stride: int, rt: Runtime, o
     return scored(ctx, lo, hi, losses)
 
 
-# Parameters that TTT must never move (packed hash tables are part of the artifact's compressed memory).
+def score_first_chunks(num_targets: int, chunk_tokens: int) -> list[tuple[int, int]]:
+    """(lo, hi) of each chunk of targets that score-first evaluation scores, then learns from."""
+    bounds = list(range(1, num_targets + 1, chunk_tokens)) + [num_targets + 1]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+# --- feature: ttt (TTT_ENABLED) ---
 def ttt_parameters(model: GPT, scope: str) -> dict[str, nn.Parameter]:
     """The parameters test-time training updates, by name: those whose role's TTT scope includes `scope`."""
     params = dict(model.named_parameters())
     in_scope = ("scalars",) if scope == "scalars" else ("scalars", "all")
     return {name: params[name] for name, role in parameter_roles(model).items() if ROLES[role].ttt_scope in in_scope}
-
-
-def score_first_chunks(num_targets: int, chunk_tokens: int) -> list[tuple[int, int]]:
-    """(lo, hi) of each chunk of targets that score-first evaluation scores, then learns from."""
-    bounds = list(range(1, num_targets + 1, chunk_tokens)) + [num_targets + 1]
-    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def ttt_sequence_starts(lo: int, hi: int, seq_len: int) -> list[int]:
@@ -2335,11 +2391,11 @@ def ttt_train_on_chunk(model: GPT, ctx: StreamContext, lo: int, hi: int, optimiz
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     model.eval()
+# --- end feature: ttt ---
 
 
-def evaluate_streaming(model: GPT, ctx: StreamContext, args: Hyperparameters, rt: Runtime, ttt: bool,
-                       engram: bool, observer=None, events: list | None = None,
-                       progress: Progress | None = None) -> ScoredTargets:
+def evaluate_streaming(model: GPT, ctx: StreamContext, args: Hyperparameters, rt: Runtime, observer=None,
+                       events: list | None = None, progress: Progress | None = None) -> ScoredTargets:
     """Score-first evaluation in chunks of EVAL_CHUNK_TOKENS targets: score a chunk with the current state,
     then let the chunk update the state (EvalEngram counts, TTT step), then move on. Each rank owns a
     contiguous run of chunks and starts from the artifact's weights; no gradient crosses ranks, since it
@@ -2349,15 +2405,14 @@ def evaluate_streaming(model: GPT, ctx: StreamContext, args: Hyperparameters, rt
     mine = chunks[len(chunks) * rt.rank // rt.world_size:len(chunks) * (rt.rank + 1) // rt.world_size]
     if progress is not None:
         progress.total = sum(hi - lo for lo, hi in mine)
-    if ttt:
+    if args.ttt_enabled:
         model = copy.deepcopy(model)
         chosen = ttt_parameters(model, args.ttt_scope)
         params = list(chosen.values())
         for name, p in model.named_parameters():
             p.requires_grad_(name in chosen)
         optimizer = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
-        frozen = {n: p.detach().clone() for n, p in model.named_parameters() if n not in chosen}
-    memory = EvalEngram(args, model.tok_emb.num_embeddings, rt.device) if engram else None
+    memory = EvalEngram(args, model.tok_emb.num_embeddings, rt.device) if args.eval_engram else None
     model.eval()
     losses = []
     for lo, hi in mine:
@@ -2367,12 +2422,8 @@ def evaluate_streaming(model: GPT, ctx: StreamContext, args: Hyperparameters, rt
                                     memory, observer, progress))
         if memory is not None:
             memory.absorb(ctx.val, ctx.last_bos, torch.arange(lo, hi, device=rt.device))
-        if ttt and (lo, hi) != mine[-1]:  # this rank's later chunks are the only ones an update can help
+        if args.ttt_enabled and (lo, hi) != mine[-1]:  # this rank's later chunks are the only ones an update can help
             ttt_train_on_chunk(model, ctx, lo, hi, optimizer, params, args, rt, events)
-    if ttt:
-        for name, p in model.named_parameters():
-            if name in frozen and not torch.equal(p, frozen[name]):
-                raise RuntimeError(f"TTT moved {name}, which is outside TTT_SCOPE={args.ttt_scope}")
     lo, hi = (mine[0][0], mine[-1][1]) if mine else (1, 1)
     return scored(ctx, lo, hi, torch.cat(losses) if losses else torch.zeros(0, device=rt.device))
 
@@ -2416,7 +2467,7 @@ def eval_modes(args: Hyperparameters) -> list[tuple[str, dict]]:
     modes = []
     if args.sliding_eval_stride:
         modes.append(("final_sliding_window", dict(kind="windows", stride=args.sliding_eval_stride)))
-    if args.eval_engram or args.ttt_enabled:
+    if args.eval_engram or args.ttt_enabled:  # one score-first pass with every streaming feature that is on
         name = "_".join(part for part, on in (("ttt", args.ttt_enabled), ("eval_engram", args.eval_engram)) if on)
         modes.append((f"final_{name}", dict(kind="streaming", ttt=args.ttt_enabled, engram=args.eval_engram)))
     return modes
@@ -2426,7 +2477,7 @@ def run_eval_mode(model: GPT, ctx: StreamContext, options: dict, args: Hyperpara
                   observer=None, events: list | None = None, progress: Progress | None = None) -> ScoredTargets:
     if options["kind"] == "windows":
         return evaluate_windows(model, ctx, options["stride"], rt, observer, progress)
-    return evaluate_streaming(model, ctx, args, rt, options["ttt"], options["engram"], observer, events, progress)
+    return evaluate_streaming(model, ctx, args, rt, observer, events, progress)
 
 
 # -----------------------------------------------------------------------------
@@ -2666,7 +2717,7 @@ def main(environ: dict[str, str] | None = None) -> None:
         dry_run(args, os.environ if environ is None else environ)
         return
     rt = init_runtime(args)
-    args.run_id = resolve_run_id(args, rt)
+    args = args.replace({"RUN_ID": resolve_run_id(args, rt)})  # resolved values make a new configuration
     log = together(rt, lambda: open_run_log(args, rt))
     status = RunStatus()
     status.install()
@@ -2698,7 +2749,8 @@ def run(args: Hyperparameters, rt: Runtime, log: Logger, status: RunStatus) -> N
     np.random.seed(args.seed)
     if rt.device.type == "cpu" and not rt.distributed:
         log(f"cpu_threads:{torch.get_num_threads()}")
-    vocab_size = args.vocab_size = inputs.vocab_size
+    args = args.replace({"VOCAB_SIZE": inputs.vocab_size})
+    vocab_size = args.vocab_size
     tables = build_byte_tables(inputs.sp, vocab_size, rt.device)
     val_tokens = load_validation_tokens(args.data_path, args.train_seq_len, vocab_size, args.val_max_tokens)
     log(f"val_tokens:{val_tokens.size - 1}")
@@ -2720,8 +2772,10 @@ def run(args: Hyperparameters, rt: Runtime, log: Logger, status: RunStatus) -> N
         summary = train(args, rt, log, model, train_ctx, status)
         t0 = time.perf_counter()
         status.phase = "calibration"
-        calibrate_ternary(model, args, rt, log)
-        fit_temperature(model, args, rt, log)
+        if args.calib_max_evals and args.weight_quant == "ternary":
+            calibrate_ternary(model, args, rt, log)
+        if args.eval_temperature_fit:
+            fit_temperature(model, args, rt, log)
         if post_training_fits(args):
             fit_ms = 1000.0 * (time.perf_counter() - t0)
             log(f"post_training_time:{fit_ms:.0f}ms total_training_time:{summary['train_ms'] + fit_ms:.0f}ms "

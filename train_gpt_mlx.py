@@ -884,7 +884,7 @@ def main(environ: dict[str, str] | None = None) -> None:
         print("\n".join(args.lines()))
         print("dry_run: configuration is valid (MLX twin)")
         return
-    args.run_id = args.run_id or time.strftime("%Y%m%d_%H%M%S_mlx")
+    args = args.replace({"RUN_ID": args.run_id or time.strftime("%Y%m%d_%H%M%S_mlx")})
     log = Logger(Path(args.log_dir) / f"{args.run_id}.txt")
     dtype, why = compute_dtype(args)
     for line in args.lines() + environment_lines(dtype, why):
@@ -897,7 +897,7 @@ def main(environ: dict[str, str] | None = None) -> None:
     if args.vocab_size and args.vocab_size != vocab_size:
         raise ConfigError(f"VOCAB_SIZE={args.vocab_size} but tokenizer {args.tokenizer_path} has {vocab_size} pieces")
     train_gpt.check_tokenizer_spec(args, vocab_size)
-    args.vocab_size = vocab_size
+    args = args.replace({"VOCAB_SIZE": vocab_size})
     tables = train_gpt.build_byte_tables(sp, vocab_size, SINGLE.device)
     val_tokens = train_gpt.load_validation_tokens(os.path.join(args.data_path, "fineweb_val_*.bin"), args.train_seq_len,
                                                   vocab_size, args.val_max_tokens)

@@ -93,7 +93,7 @@ main() {
     prepare_data
     run_check competition configs/skc_competition.env
     run_check baseline configs/baseline.env
-    "$PYTHON" bench/gpu_report.py competition="$OUT/logs/competition.log" baseline="$OUT/logs/baseline.log"
+    "$PYTHON" -m bench.gpu_report competition="$OUT/logs/competition.log" baseline="$OUT/logs/baseline.log"
     echo "gpu_check took $(( SECONDS - start )) s"
 }
 

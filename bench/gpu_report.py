@@ -1,6 +1,6 @@
 """Summarize bench/gpu_check.sh runs: ms/step, memory, attention backend, 8xH100 projection.
 
-    python bench/gpu_report.py competition=LOG baseline=LOG
+    python -m bench.gpu_report competition=LOG baseline=LOG
 The first run is compared with the others (ms/step ratio).
 """
 from __future__ import annotations
@@ -8,8 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import runlog  # noqa: E402
+from skcgolf import runlog
 
 COMPETITION_MS = 600_000
 GPUS_PROJECTED = 8

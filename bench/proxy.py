@@ -1,11 +1,11 @@
 """The CPU proxy track: our configurations against the official baseline's, same data, same caps.
 
-    python bench/proxy.py                       # ours and baseline, 10 minutes of training each
-    python bench/proxy.py --seeds 3             # each entry with seeds 1337, 1338, 1339: mean +- std, ratio
-    python bench/proxy.py --only ours_fp8 baseline   # chosen entries (ours, ours_fp8, baseline)
-    python bench/proxy.py --quick               # 2 minutes each (smoke check)
-    python bench/proxy.py --only ours --minutes 5   # the issue-3 benchmark: 5 minutes of 4 x 256
-    python bench/proxy.py --data-only           # build (or reuse) the proxy data and stop
+    python -m bench.proxy                       # ours and baseline, 10 minutes of training each
+    python -m bench.proxy --seeds 3             # each entry with seeds 1337, 1338, 1339: mean +- std, ratio
+    python -m bench.proxy --only ours_fp8 baseline   # chosen entries (ours, ours_fp8, baseline)
+    python -m bench.proxy --quick               # 2 minutes each (smoke check)
+    python -m bench.proxy --only ours --minutes 5   # the issue-3 benchmark: 5 minutes of 4 x 256
+    python -m bench.proxy --data-only           # build (or reuse) the proxy data and stop
 
 Caps, scaled from the competition to this machine: model bytes <= 2,000,000 (1/8 of
 the 16 MB cap; code bytes reported beside) and a training wall clock of 10 minutes.
@@ -29,9 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import runlog  # noqa: E402
-import trainrun  # noqa: E402
+from skcgolf import runlog, trainrun
 
 REPO_ROOT = trainrun.REPO_ROOT
 OUT_DIR = REPO_ROOT / "bench" / "out"

@@ -1,9 +1,9 @@
 """Ablation sweeps: run a manifest of configs x seeds, then tabulate and plot the results.
 
-    python scripts/sweep.py configs/sweeps/cpu_smoke_manifest.json            # run (resumes)
-    python scripts/sweep.py MANIFEST --gpus 8                                   # one run per GPU
-    python scripts/sweep.py MANIFEST --dry-run                                  # validate every config
-    python scripts/sweep.py MANIFEST --collect-only                             # tables + plot only
+    python -m scripts.sweep configs/sweeps/cpu_smoke_manifest.json            # run (resumes)
+    python -m scripts.sweep MANIFEST --gpus 8                                   # one run per GPU
+    python -m scripts.sweep MANIFEST --dry-run                                  # validate every config
+    python -m scripts.sweep MANIFEST --collect-only                             # tables + plot only
 
 A manifest is JSON:
     {"description": "...",
@@ -32,9 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import runlog  # noqa: E402
-import trainrun  # noqa: E402
+from skcgolf import runlog, trainrun
 
 CONFIG_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 CSV_FIELDS = ["config", "seed", "val_bpb", "val_loss", "prequant_val_bpb", "steps", "tok_s", "ms_per_step",

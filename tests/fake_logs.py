@@ -1,4 +1,4 @@
-"""Synthetic train_gpt.py logs for the tests of scripts/runlog.py and scripts/sweep.py."""
+"""Synthetic train_gpt.py logs for the tests of skcgolf/runlog.py and scripts/sweep.py."""
 
 
 def synthetic_log(val_bpb=1.5, steps=40, tok_s=9000.0, finished=True, export="ternary_brotli", partial=False):

@@ -1,15 +1,10 @@
 """bench/proxy.py's cap checks and bench/gpu_report.py's projection, on synthetic logs (no training)."""
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import gpu_report  # noqa: E402
-import proxy  # noqa: E402
-import runlog  # noqa: E402  (on the path through bench/proxy.py)
-from fake_logs import synthetic_log  # noqa: E402
+from bench import gpu_report, proxy
+from fake_logs import synthetic_log
+from skcgolf import runlog
 
 
 def entry(name="ours", val_bpb=1.5, model_bytes=1_500_000, returncode=0, partial=False):

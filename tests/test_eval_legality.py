@@ -21,11 +21,11 @@ CPU = train_gpt.Runtime(0, 1, 0, torch.device("cpu"), False)
 MODES = {
     "chunked": ({}, dict(kind="windows", stride=SEQ_LEN)),
     "sliding": ({}, dict(kind="windows", stride=5)),
-    "ttt_scalars": ({"TTT_ENABLED": 1, "TTT_SCOPE": "scalars"}, dict(kind="streaming", ttt=True, engram=False)),
-    "ttt_all": ({"TTT_ENABLED": 1, "TTT_SCOPE": "all", "TTT_LR": 0.05}, dict(kind="streaming", ttt=True, engram=False)),
-    "eval_engram": ({"EVAL_ENGRAM": 1, "EVAL_ENGRAM_ORDER": 3}, dict(kind="streaming", ttt=False, engram=True)),
+    "ttt_scalars": ({"TTT_ENABLED": 1, "TTT_SCOPE": "scalars"}, dict(kind="streaming")),
+    "ttt_all": ({"TTT_ENABLED": 1, "TTT_SCOPE": "all", "TTT_LR": 0.05}, dict(kind="streaming")),
+    "eval_engram": ({"EVAL_ENGRAM": 1, "EVAL_ENGRAM_ORDER": 3}, dict(kind="streaming")),
     "ttt_eval_engram": ({"TTT_ENABLED": 1, "TTT_SCOPE": "all", "EVAL_ENGRAM": 1, "SLIDING_EVAL_STRIDE": 6},
-                        dict(kind="streaming", ttt=True, engram=True)),
+                        dict(kind="streaming")),
 }
 # Every setting that changes the forward pass.
 MODEL_FLAGS = {
@@ -40,11 +40,9 @@ MODEL_FLAGS = {
 
 def make_args(**overrides):
     env = dict(NUM_LAYERS=2, MODEL_DIM=32, NUM_HEADS=2, NUM_KV_HEADS=1, MLP_MULT=2, TERNARY_GROUP_SIZE=16,
-               TRAIN_SEQ_LEN=SEQ_LEN, EVAL_CHUNK_TOKENS=40, VAL_BATCH_SIZE=4 * SEQ_LEN)
+               TRAIN_SEQ_LEN=SEQ_LEN, EVAL_CHUNK_TOKENS=40, VAL_BATCH_SIZE=4 * SEQ_LEN, VOCAB_SIZE=VOCAB)
     env.update(overrides)
-    args = train_gpt.Hyperparameters({k: str(v) for k, v in env.items()})
-    args.vocab_size = VOCAB
-    return args
+    return train_gpt.Hyperparameters({k: str(v) for k, v in env.items()})
 
 
 def make_model(args, seed=0):
@@ -231,8 +229,7 @@ def test_dumped_losses_match_the_score_and_count_the_decoded_bytes(tiny_data):
 
 
 def test_sliding_scores_match_across_one_and_two_processes(tiny_data):
-    args = train_gpt.Hyperparameters(tiny_data.env())
-    args.vocab_size = tiny_data.sp.vocab_size()
+    args = train_gpt.Hyperparameters(tiny_data.env(VOCAB_SIZE=tiny_data.sp.vocab_size()))
     artifact = tiny_data.root / "invariance.skc"
     artifact.write_bytes(train_gpt.export_model(make_model_for(args), args, train_gpt.Logger(None)).blob)
     figures = []

@@ -9,11 +9,10 @@ import train_gpt
 
 
 def tiny_args(**overrides):
-    env = dict(NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", MLP_MULT="2", TERNARY_GROUP_SIZE="32")
+    env = dict(NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", MLP_MULT="2", TERNARY_GROUP_SIZE="32",
+               VOCAB_SIZE="96")
     env.update({k: str(v) for k, v in overrides.items()})
-    args = train_gpt.Hyperparameters(env)
-    args.vocab_size = 96
-    return args
+    return train_gpt.Hyperparameters(env)
 
 
 def perturbed_model(args, seed=0):
@@ -66,10 +65,11 @@ def test_dequantized_ternary_weights_equal_the_forward_weights(overrides):
             stored, _ = train_gpt.decode_tensor(records[name + ".weight"])
             with torch.no_grad():
                 probe = torch.eye(module.in_features)
-                if module.hadamard is not None:  # undo the input rotation to read the weight itself
+                rotated = isinstance(module, train_gpt.RotatedTernaryLinear)
+                if rotated:  # undo the input rotation to read the weight itself
                     probe = train_gpt.rotate_blocks(probe, module.hadamard)
                 used = module(probe).T
-            if module.hadamard is None:
+            if not rotated:
                 assert torch.equal(stored, used), name
             else:  # the probe's own rotation rounds in fp32
                 assert torch.allclose(stored, used, atol=1e-6), name
@@ -83,7 +83,7 @@ def test_reloaded_model_equals_the_in_memory_quantized_model(overrides, toleranc
     args = tiny_args(**overrides)
     model = perturbed_model(args)
     result = train_gpt.export_model(model, args, train_gpt.Logger(None))
-    in_memory = train_gpt.model_from_records(train_gpt.artifact_config(args), result.records, args)
+    in_memory = train_gpt.model_from_records(train_gpt.artifact_config(args, args.vocab_size), result.records, args)
     reloaded = train_gpt.load_artifact(result.blob, "test", args)
     assert torch.equal(logits_of(in_memory), logits_of(reloaded))
     assert reloaded.export_name == train_gpt.export_name(args)  # the artifact names its own round-trip line
@@ -126,16 +126,15 @@ def test_over_budget_fails_in_submission_mode_with_the_largest_tensors():
     with pytest.raises(train_gpt.ArtifactError, match=r"(?s)largest tensors.*tok_emb.weight"):
         train_gpt.account_artifact(result, code_bytes=60_000, args=args, log=train_gpt.Logger(None))
     lines = []
-    args.submission_mode = False
-    train_gpt.account_artifact(result, code_bytes=60_000, args=args, log=lines.append)
+    train_gpt.account_artifact(result, code_bytes=60_000, args=args.replace({"SUBMISSION_MODE": False}), log=lines.append)
     assert lines[0].startswith("artifact code_bytes:60000") and "WARNING" in lines[1]
 
 
 @pytest.mark.parametrize("budget, expected_evals", [({"CALIB_MAX_EVALS": 3}, 3),
                                                     ({"CALIB_MAX_EVALS": 1000, "CALIB_MAX_SECONDS": 0}, 1)])
 def test_calibration_stops_within_its_budget(tiny_data, budget, expected_evals):
-    args = train_gpt.Hyperparameters(tiny_data.env(CALIB_MIN_PARAMS=0, CALIB_TOKENS=256, **budget))
-    args.vocab_size = tiny_data.sp.vocab_size()
+    args = train_gpt.Hyperparameters(tiny_data.env(CALIB_MIN_PARAMS=0, CALIB_TOKENS=256, VOCAB_SIZE=tiny_data.sp.vocab_size(),
+                                                   **budget))
     model = perturbed_model(args)
     lines = []
     rt = train_gpt.Runtime(0, 1, 0, torch.device("cpu"), False)
@@ -172,8 +171,7 @@ EXPORT_CONFIGS = {
 
 
 def briefly_trained(tiny_data, overrides, steps=16):
-    args = train_gpt.Hyperparameters(tiny_data.env(ITERATIONS=steps, **overrides))
-    args.vocab_size = tiny_data.sp.vocab_size()
+    args = train_gpt.Hyperparameters(tiny_data.env(ITERATIONS=steps, VOCAB_SIZE=tiny_data.sp.vocab_size(), **overrides))
     torch.manual_seed(0)
     model = train_gpt.GPT(args, args.vocab_size)
     rt = train_gpt.Runtime(0, 1, 0, torch.device("cpu"), False)

@@ -11,10 +11,8 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT / "scripts"))
-import runlog  # noqa: E402
-import sweep  # noqa: E402
-import trainrun  # noqa: E402
+from scripts import sweep
+from skcgolf import runlog, trainrun
 
 ENV_FILES = sorted((REPO_ROOT / "configs").glob("*.env"))
 LAUNCHERS = sorted(REPO_ROOT.glob("run_*.sh"))
@@ -112,6 +110,24 @@ def test_launcher_hands_torchrun_the_settings(tmp_path):
     assert "nccl=1 layers=8 seed=42 run_id=skc_proxy_2xgpu_" in result.stdout  # the overlay's NUM_LAYERS
     (console_log,) = (tmp_path / "logs").glob("skc_proxy_2xgpu_*_seed42.console.log")
     assert "args: " in console_log.read_text()
+
+
+def test_launcher_runs_the_script_it_is_given(tmp_path):
+    fake_torchrun = tmp_path / "torchrun"
+    fake_torchrun.write_text('#!/bin/sh\necho "args: $*"\n')
+    fake_torchrun.chmod(0o755)
+    script = tmp_path / "extracted" / "train_gpt.py"
+    script.parent.mkdir()
+    script.touch()
+    env = {**os.environ, **fake_data(tmp_path), "TORCHRUN": str(fake_torchrun), "LOG_DIR": str(tmp_path / "logs"),
+           "DRY_RUN": "0"}
+    launcher = str(REPO_ROOT / "run_skc_competition_8xh100.sh")
+    result = subprocess.run(["bash", launcher, "--script", str(script)], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert f"--nproc_per_node=8 {script}" in result.stdout and f"script={script}" in result.stdout
+    missing = subprocess.run(["bash", launcher, "--script", str(tmp_path / "none.py")], env=env, capture_output=True,
+                             text=True)
+    assert missing.returncode == 2 and "--script needs an existing file" in missing.stderr
 
 
 # ----------------------------------------------------------------------------- dry runs against the trainer

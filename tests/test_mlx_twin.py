@@ -34,9 +34,7 @@ def config_id(overrides: dict) -> str:
 
 
 def twin_args(tiny_data, **overrides) -> twin.Hyperparameters:
-    args = twin.Hyperparameters(tiny_data.env(**overrides))
-    args.vocab_size = tiny_data.sp.vocab_size()
-    return args
+    return twin.Hyperparameters(tiny_data.env(VOCAB_SIZE=tiny_data.sp.vocab_size(), **overrides))
 
 
 def perturbed_torch_model(args, seed: int = 0) -> train_gpt.GPT:

@@ -100,8 +100,7 @@ def test_a_tokenizer_the_manifest_does_not_name_is_refused(tiny_data, tmp_path, 
 
 def write_tiny_artifact(path: Path, vocab_size: int, **settings) -> None:
     env = dict(NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", MLP_MULT="2", TERNARY_GROUP_SIZE="32")
-    args = train_gpt.Hyperparameters({**env, **settings})
-    args.vocab_size = vocab_size
+    args = train_gpt.Hyperparameters({**env, **settings, "VOCAB_SIZE": str(vocab_size)})
     torch.manual_seed(0)
     blob = train_gpt.export_model(train_gpt.GPT(args, vocab_size), args, train_gpt.Logger(None)).blob
     path.write_bytes(blob)

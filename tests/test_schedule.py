@@ -6,9 +6,7 @@ import pytest
 import torch
 
 import train_gpt
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import trainrun  # noqa: E402
+from skcgolf import trainrun
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -105,8 +103,7 @@ def host_reads(monkeypatch):
 @pytest.mark.parametrize("overrides", [{}, {"WEIGHT_QUANT": "none", "GRAD_CLIP_NORM": 1.0},
                                        {"MUON_ROW_NORM": 1, "MUON_WEIGHT_DECAY": 0.01, "EMBED_DIM": 32}])
 def test_a_training_step_reads_nothing_back_from_the_device(tiny_data, host_reads, overrides):
-    args = train_gpt.Hyperparameters(tiny_data.env(**overrides))
-    args.vocab_size = tiny_data.sp.vocab_size()
+    args = train_gpt.Hyperparameters(tiny_data.env(VOCAB_SIZE=tiny_data.sp.vocab_size(), **overrides))
     rt = train_gpt.Runtime(0, 1, 0, torch.device("cpu"), False)
     model = train_gpt.GPT(args, args.vocab_size)
     optimizers, _ = train_gpt.build_optimizers(model, args, fused=False)

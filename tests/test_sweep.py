@@ -1,4 +1,4 @@
-"""scripts/runlog.py and scripts/sweep.py on synthetic logs and a fake trainer (no torch, no data)."""
+"""skcgolf/runlog.py and scripts/sweep.py on synthetic logs and a fake trainer (no torch, no data)."""
 import json
 import sys
 import textwrap
@@ -6,12 +6,9 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import runlog  # noqa: E402
-import sweep  # noqa: E402
-import trainrun  # noqa: E402
-from fake_logs import synthetic_log  # noqa: E402
+from fake_logs import synthetic_log
+from scripts import sweep
+from skcgolf import runlog, trainrun
 
 
 # ----------------------------------------------------------------------------- runlog

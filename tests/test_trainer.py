@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import train_gpt
-from tiny_lm import REPO_ROOT_FOR_TESTS, document_stream, subprocess_env
+from skcgolf.tinydata import document_stream
+from tiny_lm import REPO_ROOT_FOR_TESTS, subprocess_env
 
 
 def final_figures(log_text: str, key: str) -> dict[str, float]:

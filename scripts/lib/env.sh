@@ -2,7 +2,7 @@
 #
 # Env files under configs/ are plain `NAME=value` lines (blank lines and lines
 # starting with `#` are ignored; values are taken literally, no quoting or
-# expansion). scripts/trainrun.py reads them with the same rules for Python.
+# expansion). skcgolf/trainrun.py reads them with the same rules for Python.
 
 # load_env_file FILE: export every NAME=value of FILE whose NAME is not already
 # set, so that variables given on the command line or in the environment win.

@@ -9,10 +9,13 @@ source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
 print_launcher_usage() {
     cat <<USAGE
-usage: $0 [--dry-run]
+usage: $0 [--dry-run] [--script PATH]
   --dry-run   check the resolved config, the data, the tokenizer and the output
               folders with DRY_RUN=1 python train_gpt.py (no GPU needed); same as
               DRY_RUN=1 in the env. DRY_RUN=config checks the settings only (no data).
+  --script PATH
+              run PATH instead of train_gpt.py, e.g. the file that
+              build_submission.py extract wrote (extract, run it, finalize).
 Every setting is an environment variable; those already set win over the
 env files. Launcher settings: NPROC_PER_NODE, OMP_NUM_THREADS, RUN_ID, SEED,
 LOG_DIR, TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC, PYTHON, TORCHRUN.
@@ -20,13 +23,17 @@ USAGE
 }
 
 parse_launcher_args() {
-    local arg
-    for arg in "$@"; do
-        case $arg in
+    TRAIN_SCRIPT=train_gpt.py
+    while (( $# )); do
+        case $1 in
             --dry-run) [[ ${DRY_RUN:-0} != 0 ]] || export DRY_RUN=1 ;;
+            --script)
+                [[ $# -ge 2 && -f $2 ]] || { echo "error: --script needs an existing file, got '${2:-}'" >&2; exit 2; }
+                TRAIN_SCRIPT=$2; shift ;;
             -h|--help) print_launcher_usage; exit 0 ;;
-            *) echo "error: unknown argument $arg" >&2; print_launcher_usage >&2; exit 2 ;;
+            *) echo "error: unknown argument $1" >&2; print_launcher_usage >&2; exit 2 ;;
         esac
+        shift
     done
 }
 
@@ -70,7 +77,7 @@ HINT
 
 print_launch_summary() {
     echo "launch: run_id=$RUN_ID seed=$SEED nproc_per_node=$NPROC_PER_NODE omp_threads=$OMP_NUM_THREADS" \
-         "data=$DATA_PATH tokenizer=$TOKENIZER_PATH log=$LOG_DIR/$RUN_ID.txt dry_run=${DRY_RUN:-0}"
+         "script=$TRAIN_SCRIPT data=$DATA_PATH tokenizer=$TOKENIZER_PATH log=$LOG_DIR/$RUN_ID.txt dry_run=${DRY_RUN:-0}"
 }
 
 run_launcher() {
@@ -81,12 +88,12 @@ run_launcher() {
     set_distributed_env "$default_nproc"
     print_launch_summary
     if [[ ${DRY_RUN:-0} != 0 ]]; then
-        WORLD_SIZE=$NPROC_PER_NODE "${PYTHON:-python}" train_gpt.py
+        WORLD_SIZE=$NPROC_PER_NODE "${PYTHON:-python}" "$TRAIN_SCRIPT"
         return
     fi
     require_data
     mkdir -p "$LOG_DIR"
     set -o pipefail
-    "${TORCHRUN:-torchrun}" --standalone --nproc_per_node="$NPROC_PER_NODE" train_gpt.py 2>&1 \
+    "${TORCHRUN:-torchrun}" --standalone --nproc_per_node="$NPROC_PER_NODE" "$TRAIN_SCRIPT" 2>&1 \
         | tee "$LOG_DIR/$RUN_ID.console.log"
 }

@@ -1,4 +1,4 @@
-"""Start train_gpt.py runs from env files: shared by scripts/sweep.py and bench/proxy.py.
+"""Start train_gpt.py runs from env files: shared by scripts/sweep.py, bench/proxy.py and build_submission.py.
 
 Env files (configs/*.env) are plain `NAME=value` lines, read with the same rules
 as scripts/lib/env.sh: blank lines and `#` comments are skipped, values are

@@ -1,7 +1,7 @@
 """Read train_gpt.py logs: step curves, final figures, and whether a run finished.
 
 One parser for every tool that reads logs (scripts/sweep.py, bench/proxy.py,
-bench/gpu_report.py). The log format is the one in the trainer's interface:
+bench/gpu_report.py, build_submission.py). The log format is the one in the trainer's interface:
   config NAME=value
   step:S/N train_loss:L lr_scale:X tok_s:T train_time:Tms step_avg:Ams remaining:Rs
   step:S/N val_loss:L val_bpb:B train_time:Tms step_avg:Ams
