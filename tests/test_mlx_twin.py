@@ -15,7 +15,8 @@ from mlx.utils import tree_flatten  # noqa: E402
 
 import train_gpt  # noqa: E402
 import train_gpt_mlx as twin  # noqa: E402
-from tiny_lm import REPO_ROOT_FOR_TESTS, document_stream, subprocess_env  # noqa: E402
+from skcgolf.tinydata import document_stream  # noqa: E402
+from tiny_lm import REPO_ROOT_FOR_TESTS, subprocess_env  # noqa: E402
 
 LOSS_TOL = 1e-4  # fp32 forward, PyTorch vs MLX
 STEP_TOL = 2e-5  # max |parameter difference| after two optimizer steps (Adam and Muon), fp32
