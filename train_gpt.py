@@ -14,11 +14,14 @@ import copy
 import difflib
 import glob
 import hashlib
+import io
 import json
 import lzma
 import math
 import os
+import pickle
 import platform
+import random
 import re
 import signal
 import sys
@@ -48,7 +51,8 @@ from torch import Tensor, nn
 # same change that adds its settings (see the README's feature-block convention).
 ENV_PREFIXES = ("TTT_", "EVAL_", "CALIB_", "MUON_", "ADAM_", "EXPORT_", "TERNARY_", "TURBO_QUANT_", "EMA_", "SLIDING_",
                 "TRAIN_", "VAL_", "WARMDOWN_", "WARMUP_", "QK_", "ROPE_", "MLP_", "EMBED_", "LOGIT_", "SOFTCAP_", "NUM_",
-                "MODEL_", "TIED_", "FP_", "ATTN_", "SIZE_", "SUBMISSION_")
+                "MODEL_", "TIED_", "FP_", "ATTN_", "SIZE_", "SUBMISSION_",
+                "CHECKPOINT_", "RESUME_")
 ENV_SUFFIXES = ("_LR",)
 
 # `build_submission.py extract` rewrites these two in the file it writes; the full trainer removes and folds
@@ -170,6 +174,14 @@ class Hyperparameters:
         "TRAIN_LOG_EVERY": Setting(200, lo=1),
         "GRAD_CLIP_NORM": Setting(0.0, lo=0.0),
         "MODEL_COMPILE": Setting("auto", choices=("auto", "0", "1")),
+        # (checkpoints are off by default: in the 10-minute track their write time counts as training time)
+        # feature: checkpoints
+        "CHECKPOINT_EVERY": Setting(0, lo=0),  # steps; 0: no step-based checkpoints
+        "CHECKPOINT_EVERY_SECONDS": Setting(0.0, lo=0.0),  # wall-clock seconds; 0: no time-based checkpoints
+        "CHECKPOINT_KEEP": Setting(2, lo=1),  # newest checkpoints kept; the older ones are deleted
+        "CHECKPOINT_DIR": Setting(""),  # "": LOG_DIR/<RUN_ID>_checkpoints (the run folder)
+        "RESUME_FROM": Setting(""),  # a checkpoint file, a folder of them, or auto (the run folder); "": start fresh
+        "RESUME_ALLOW_CONFIG_CHANGE": Setting(False),  # resume although training settings changed (printed)
         # model
         "NUM_LAYERS": Setting(12, lo=1, hi=256),
         "MODEL_DIM": Setting(768, lo=8, hi=16384),
@@ -325,6 +337,9 @@ class Hyperparameters:
             size = self.ternary_group_size
             require(self.weight_quant == "ternary" and size & (size - 1) == 0,
                     "TURBO_QUANT_* needs WEIGHT_QUANT=ternary and a power-of-two TERNARY_GROUP_SIZE (the Hadamard block)")
+        require(self.resume_from != "auto" or bool(self.run_id or self.checkpoint_dir),
+                "RESUME_FROM=auto looks in the run folder LOG_DIR/<RUN_ID>_checkpoints: set RUN_ID (or CHECKPOINT_DIR) "
+                "to the run being resumed")
         require(self.sliding_eval_stride <= self.eval_len,
                 f"SLIDING_EVAL_STRIDE={self.sliding_eval_stride} must be at most the eval sequence length {self.eval_len}")
         if self.weight_quant == "ternary":
@@ -486,6 +501,21 @@ class TokenStream:
         if int(self.tokens.max()) >= self.vocab_size:
             raise ShardError(f"shard {path} holds token id {int(self.tokens.max())} >= VOCAB_SIZE={self.vocab_size}: "
                              "the shards and the tokenizer do not match")
+
+    def position(self) -> tuple[int, int]:
+        """(shard index, token offset) of the next token; (-1, 0) before the first read."""
+        return self.file_index, self.pos
+
+    def seek(self, file_index: int, pos: int) -> None:
+        """Continue from a position() of a stream over the same shards."""
+        if not -1 <= file_index < len(self.files):
+            raise ShardError(f"shard index {file_index} is out of range: there are {len(self.files)} shards now")
+        self.file_index, self.tokens, self.pos = file_index - 1, np.zeros(0, dtype=np.uint16), 0
+        if file_index >= 0:
+            self._next_file()
+        if not 0 <= pos <= self.tokens.size:
+            raise ShardError(f"offset {pos} lies beyond the {self.tokens.size} tokens of shard {self.files[file_index]}")
+        self.pos = pos
 
     def take(self, n: int) -> np.ndarray:
         parts, left = [], n
@@ -1173,6 +1203,11 @@ class Muon(torch.optim.Optimizer):
                                       row_norm=row_norm, nesterov=nesterov))
         self.orthogonalize = orthogonalize
 
+    @staticmethod
+    def owner(index: int, world_size: int) -> int:
+        """The rank that orthogonalizes a group's index-th matrix and keeps its momentum (round robin)."""
+        return index % world_size
+
     @torch.no_grad()
     def step(self):
         distributed = dist.is_available() and dist.is_initialized()
@@ -1186,7 +1221,7 @@ class Muon(torch.optim.Optimizer):
                                dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
             offset = 0
             for i, p in enumerate(params):
-                if i % world_size == rank and p.grad is not None:
+                if self.owner(i, world_size) == rank and p.grad is not None:
                     state = self.state[p]
                     buf = state.setdefault("momentum_buffer", torch.zeros_like(p.grad))
                     buf.mul_(group["momentum"]).add_(p.grad)
@@ -1345,12 +1380,13 @@ def together(rt: Runtime, check):
 class Logger:
     """Rank 0 writes every line to stdout and to LOG_DIR/<RUN_ID>.txt; other ranks stay silent."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, append: bool = False):
         self.path = path
         if path is not None:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text("")
+                if not append:
+                    path.write_text("")
             except OSError as error:
                 raise ConfigError(f"cannot write the log {path} ({error.strerror}): set LOG_DIR to a folder you "
                                   "can write") from None
@@ -1487,24 +1523,26 @@ def optimizer_step(compiled: nn.Module, model: nn.Module, loader: DistributedTok
 class StopVote:
     """Whether every rank stops after a step, without a host sync inside the step.
 
-    Every step posts its local reasons (STOP_REASONS) as one tensor, all-reduced with MAX on every rank at
-    every step, so all ranks take the same collective whatever the clock says. The result is copied to a
-    (pinned) host buffer and read one step later, when the device has finished that step, so the read does
-    not drain the queue. A decision therefore takes effect one step after the step it was posted for.
+    Every step posts its local flags (the STOP_REASONS, and whether the checkpoint clock is due) as one tensor,
+    all-reduced with MAX on every rank at every step, so all ranks take the same collective whatever the clock
+    says. The result is copied to a (pinned) host buffer and read one step later, when the device has finished
+    that step, so the read does not drain the queue. A decision therefore takes effect one step after the step
+    it was posted for.
     """
 
     STOP_REASONS = ("time_up", "non_finite_loss", "sigterm")
+    FLAGS = STOP_REASONS + ("checkpoint_due",)  # the vote also carries CHECKPOINT_EVERY_SECONDS' clock
 
     def __init__(self, rt: Runtime):
         self.rt = rt
-        self.host = torch.zeros(len(self.STOP_REASONS), pin_memory=rt.device.type == "cuda")
+        self.host = torch.zeros(len(self.FLAGS), pin_memory=rt.device.type == "cuda")
         self.copied = torch.cuda.Event() if rt.device.type == "cuda" else None
         self.posted_step: int | None = None
 
-    def post(self, step: int, time_up: bool, loss: Tensor, sigterm: bool = False) -> None:
+    def post(self, step: int, time_up: bool, loss: Tensor, sigterm: bool = False, checkpoint_due: bool = False) -> None:
         non_finite = (~torch.isfinite(loss)).float()
         flags = torch.stack((non_finite.new_full((), float(time_up)), non_finite,  # fills, not host copies
-                             non_finite.new_full((), float(sigterm))))
+                             non_finite.new_full((), float(sigterm)), non_finite.new_full((), float(checkpoint_due))))
         self.rt.all_reduce(flags, op=dist.ReduceOp.MAX)
         self.host.copy_(flags, non_blocking=True)
         if self.copied is not None:
@@ -1518,7 +1556,7 @@ class StopVote:
         if self.copied is not None:
             self.copied.synchronize()
         step, self.posted_step = self.posted_step, None
-        return step, {name: value > 0 for name, value in zip(self.STOP_REASONS, self.host.tolist())}
+        return step, {name: value > 0 for name, value in zip(self.FLAGS, self.host.tolist())}
 
 
 PROGRESS_SECONDS = 30.0  # a progress line at least this often, whatever TRAIN_LOG_EVERY says
@@ -1557,6 +1595,303 @@ def peak_memory_mib(rt: Runtime) -> float:
 
 def use_compile(args: Hyperparameters, rt: Runtime) -> bool:
     return args.model_compile == "1" or (args.model_compile == "auto" and rt.device.type == "cuda")
+
+
+# --- feature: checkpoints (CHECKPOINT_EVERY, CHECKPOINT_EVERY_SECONDS, RESUME_FROM) ---
+# A checkpoint holds what a run needs to go on as if it had never stopped: the fp32 shadow weights and persistent
+# buffers, every optimizer state keyed by parameter NAME (so a resume survives a regrouping of the optimizers), the
+# EMA, each rank's loader position and RNG states, the step, the training time so far, and the resolved config and
+# the code with their hashes. Layout (loading never runs code: the payload is plain tensors, numbers and strings,
+# read back with weights_only=True):
+#   b"SKCK" | version u8 | payload length u64 | crc32 of the payload u32 | payload (torch.save)
+# Files are <run folder>/step_<step>.ckpt, gathered to rank 0 and written atomically; resuming from a folder takes
+# the newest checkpoint that reads back whole and falls back to older ones.
+CHECKPOINT_MAGIC = b"SKCK"
+CHECKPOINT_VERSION = 1
+CHECKPOINT_HEADER_BYTES = 17
+CHECKPOINT_FILE = re.compile(r"step_(\d+)\.ckpt")
+CHECKPOINT_KEYS = ("format", "step", "train_ms", "world_size", "model", "optimizer", "ema", "ranks", "config",
+                   "config_hash", "code_hash", "train_shards")
+# Settings a resume may change without RESUME_ALLOW_CONFIG_CHANGE: where files go and how often to log, validate and
+# checkpoint. None of them changes what training computes.
+RESUME_FREE_SETTINGS = ("RUN_ID", "LOG_DIR", "ARTIFACT_DIR", "DRY_RUN", "DIST_TIMEOUT_SECONDS", "TRAIN_LOG_EVERY",
+                        "VAL_LOSS_EVERY", "CHECKPOINT_EVERY", "CHECKPOINT_EVERY_SECONDS", "CHECKPOINT_KEEP",
+                        "CHECKPOINT_DIR", "RESUME_FROM", "RESUME_ALLOW_CONFIG_CHANGE")
+
+
+class CheckpointError(ConfigError):
+    """RESUME_FROM names a checkpoint that is truncated, corrupt or not ours, or that does not fit this run."""
+
+
+def checkpoint_folder(args: Hyperparameters) -> Path:
+    return Path(args.checkpoint_dir) if args.checkpoint_dir else Path(args.log_dir) / f"{args.run_id}_checkpoints"
+
+
+def resolved_config(args: Hyperparameters) -> dict:
+    return {name: getattr(args, name.lower()) for name in Hyperparameters.SETTINGS}
+
+
+def shard_fingerprint(loader: DistributedTokenLoader) -> list[list]:
+    """(file name, token count) of each training shard: a resume must read the same stream."""
+    return [[Path(f).name, read_shard_header(f)] for f in loader.stream.files]
+
+
+def rng_states(device: torch.device) -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, python_state, python_gauss = random.getstate()
+    states = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                          int(has_gauss), float(gauss)],
+              "python": [version, list(python_state), python_gauss]}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def restore_rng_states(states: dict, device: torch.device) -> None:
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, python_state, python_gauss = states["python"]
+    random.setstate((version, tuple(python_state), python_gauss))
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def optimizer_states(model: nn.Module, optimizers: list[torch.optim.Optimizer], rt: Runtime) -> dict[str, dict]:
+    """This rank's share of the optimizer state, by parameter name, on the CPU: rank 0 gives the replicated (Adam)
+    state; every rank gives the Muon momentum of the matrices it owns."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    states = {}
+    for opt in optimizers:
+        if isinstance(opt, Muon) or rt.is_main:
+            for p, state in opt.state.items():
+                states[names[id(p)]] = {"optimizer": type(opt).__name__,
+                                        "state": {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in state.items()}}
+    return states
+
+
+def load_optimizer_states(model: nn.Module, optimizers: list[torch.optim.Optimizer], saved: dict[str, dict],
+                          rt: Runtime, log: Logger) -> None:
+    """Give every parameter the state saved under its name by the same kind of optimizer, whatever group it sits in
+    now; a parameter without one starts fresh. Each rank takes the Muon momentum of the matrices it owns now."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    carried, fresh = [], []
+    for opt in optimizers:
+        kind = type(opt).__name__
+        state_dict = opt.state_dict()  # its "state" is keyed by the position of a parameter across the groups
+        index = 0
+        for group in opt.param_groups:
+            for i, p in enumerate(group["params"]):
+                name, entry = names[id(p)], saved.get(names[id(p)])
+                if entry is not None and entry["optimizer"] == kind:
+                    carried.append(name)
+                    if not isinstance(opt, Muon) or Muon.owner(i, rt.world_size) == rt.rank:
+                        state_dict["state"][index] = entry["state"]
+                else:
+                    fresh.append(f"{name} (was {entry['optimizer']})" if entry else name)
+                index += 1
+        opt.load_state_dict(state_dict)
+    log(f"resume: optimizer state carried for {len(carried)} parameters")
+    if fresh:
+        log(f"resume: {len(fresh)} parameters start with a fresh optimizer state: {', '.join(fresh)}")
+    unused = sorted(set(saved) - set(carried))
+    if unused:
+        log(f"resume: saved optimizer state of {len(unused)} parameters has no place in this run: {', '.join(unused)}")
+
+
+def check_architecture(model: nn.Module, saved: dict[str, Tensor], path: Path) -> None:
+    current = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    stored = {name: tuple(t.shape) for name, t in saved.items()}
+    mismatched = [f"{name}: checkpoint {stored.get(name, 'absent')}, model {current.get(name, 'absent')}"
+                  for name in sorted(set(current) | set(stored)) if current.get(name) != stored.get(name)]
+    if mismatched:
+        raise CheckpointError(f"{path} holds a different architecture; mismatched tensors:\n  " + "\n  ".join(mismatched)
+                              + "\nresume with the model settings the checkpoint was trained with")
+
+
+def check_config(args: Hyperparameters, state: dict, shards: list[list], path: Path, log: Logger) -> None:
+    """Print every training setting (and the training shards) that differs from the checkpoint's; go on only with
+    RESUME_ALLOW_CONFIG_CHANGE=1. A setting newer than the checkpoint counts only when it is off its default. A
+    changed train_gpt.py is reported, not refused (fixes land mid-run)."""
+    saved = {**state["config"], "training shards": state["train_shards"]}
+    current = {**resolved_config(args), "training shards": shards}
+    settings = Hyperparameters.SETTINGS
+    changed = [f"{name}: {saved.get(name)!r} -> {current.get(name)!r}" for name in sorted(set(saved) | set(current))
+               if name not in RESUME_FREE_SETTINGS and saved.get(name) != current.get(name)
+               and not (name not in saved and name in settings and current[name] == settings[name].default)]
+    for line in changed:
+        log(f"resume: config change {line}")
+    if changed and not args.resume_allow_config_change:
+        raise CheckpointError(f"{path} was trained with different settings ({len(changed)} changed, listed above):\n  "
+                              + "\n  ".join(changed) + "\nrestore them, or set RESUME_ALLOW_CONFIG_CHANGE=1 to go on")
+    code_hash = sha256_file(__file__)[:16]
+    if state["code_hash"] != code_hash:
+        log(f"resume: WARNING train_gpt.py changed since the checkpoint (code hash {state['code_hash']} -> {code_hash})")
+
+
+def checkpoint_header(payload: bytes) -> bytes:
+    return (CHECKPOINT_MAGIC + bytes((CHECKPOINT_VERSION,)) + len(payload).to_bytes(8, "little")
+            + zlib.crc32(payload).to_bytes(4, "little"))
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint's contents after checking its frame and checksum; a clear CheckpointError otherwise."""
+    try:
+        blob = path.read_bytes()
+    except OSError as error:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {error}") from None
+    if len(blob) < CHECKPOINT_HEADER_BYTES or blob[:4] != CHECKPOINT_MAGIC:
+        raise CheckpointError(f"{path} is not an skc-golf checkpoint (bad magic or shorter than its header)")
+    if blob[4] != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {blob[4]}; this trainer reads version {CHECKPOINT_VERSION}")
+    length, crc = int.from_bytes(blob[5:13], "little"), int.from_bytes(blob[13:17], "little")
+    payload = memoryview(blob)[CHECKPOINT_HEADER_BYTES:]
+    if len(payload) < length:
+        raise CheckpointError(f"{path} is truncated: its header says {length} payload bytes, the file holds {len(payload)}")
+    if len(payload) != length or zlib.crc32(payload) != crc:
+        raise CheckpointError(f"{path} is corrupt: the payload checksum does not match")
+    try:
+        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
+        raise CheckpointError(f"{path} holds something other than plain tensors and numbers, refused: {error}") from None
+    if not isinstance(state, dict) or any(key not in state for key in CHECKPOINT_KEYS):
+        raise CheckpointError(f"{path} lacks the fields of a version-{CHECKPOINT_VERSION} checkpoint")
+    return state
+
+
+def newest_valid_checkpoint(folder: Path, log: Logger) -> tuple[Path, dict] | None:
+    """The newest checkpoint of a folder that reads back whole (None when the folder holds none)."""
+    found = sorted(((int(m.group(1)), path) for path in folder.glob("step_*.ckpt")
+                    if (m := CHECKPOINT_FILE.fullmatch(path.name))), reverse=True)
+    refused = []
+    for _, path in found:
+        try:
+            return path, read_checkpoint(path)
+        except CheckpointError as error:
+            refused.append(str(error))
+            log(f"resume: skipping {error}")
+    if refused:
+        raise CheckpointError(f"no checkpoint in {folder} reads back whole:\n  " + "\n  ".join(refused))
+    return None
+
+
+def choose_checkpoint(args: Hyperparameters, rt: Runtime, log: Logger) -> tuple[Path | None, dict | None]:
+    """Rank 0 picks the checkpoint (a file, the newest valid one of a folder, or of the run folder for `auto`) and
+    tells the others, so every rank loads the same file."""
+    chosen: tuple[Path, dict] | None = None
+    if rt.is_main:
+        target = checkpoint_folder(args) if args.resume_from == "auto" else Path(args.resume_from)
+        if target.is_dir() or args.resume_from == "auto":
+            chosen = newest_valid_checkpoint(target, log) if target.is_dir() else None
+            if chosen is None and args.resume_from != "auto":
+                raise CheckpointError(f"RESUME_FROM={args.resume_from} holds no step_*.ckpt checkpoint")
+            if chosen is None:
+                log(f"resume: no checkpoint in {target} yet; starting from scratch")
+        else:
+            chosen = target, read_checkpoint(target)
+    shared = [str(chosen[0]) if chosen else ""]
+    if rt.distributed:
+        dist.broadcast_object_list(shared, src=0)
+    if not shared[0]:
+        return None, None
+    return Path(shared[0]), chosen[1] if chosen else read_checkpoint(Path(shared[0]))
+
+
+class ResumedRun(NamedTuple):
+    step: int
+    train_ms: float
+    ema: WeightEMA | None
+
+
+def resume_training(args: Hyperparameters, rt: Runtime, log: Logger, model: nn.Module,
+                    optimizers: list[torch.optim.Optimizer], loader: DistributedTokenLoader) -> ResumedRun | None:
+    """Load RESUME_FROM into the model, optimizers and loader built for this run; None when there is nothing to resume."""
+    path, state = choose_checkpoint(args, rt, log)
+    if path is None:
+        return None
+    check_architecture(model, state["model"], path)
+    check_config(args, state, shard_fingerprint(loader), path, log)
+    if state["step"] > args.iterations:
+        raise CheckpointError(f"{path} is at step {state['step']}, past ITERATIONS={args.iterations}")
+    log(f"resume: from {path} step:{state['step']} train_time:{state['train_ms']:.0f}ms "
+        f"saved_world_size:{state['world_size']} ema:{'yes' if state['ema'] is not None else 'no'}")
+    model.load_state_dict(state["model"])
+    load_optimizer_states(model, optimizers, state["optimizer"], rt, log)
+    # Every rank reads the same global span, so rank 0's position serves a different world size as well.
+    mine = state["ranks"][rt.rank] if state["world_size"] == rt.world_size else state["ranks"][0]
+    loader.stream.seek(*mine["loader"])
+    restore_rng_states(mine["rng"], rt.device)
+    ema = None
+    if state["ema"] is not None:
+        ema = WeightEMA(model, args.ema_decay)
+        ema.shadow = {name: t.to(rt.device) for name, t in state["ema"].items()}
+    return ResumedRun(state["step"], state["train_ms"], ema)
+
+
+class Checkpointer:
+    """Writes the checkpoints train() asks for (every CHECKPOINT_EVERY steps, every CHECKPOINT_EVERY_SECONDS, and at
+    the last step) and keeps the newest CHECKPOINT_KEEP. Writing runs inside the timed loop, so under a wall-clock
+    cap its time is training time. Weights that are not finite are not saved: the vote stops the run a step later."""
+
+    def __init__(self, args: Hyperparameters, rt: Runtime, log: Logger):
+        self.args, self.rt, self.log = args, rt, log
+        self.folder = checkpoint_folder(args)
+        self.clock = time.perf_counter()
+        self.written, self.total_ms = 0, 0.0
+
+    def clock_due(self) -> bool:
+        """This rank's own clock only; train() agrees on it through the per-step all-reduce."""
+        return time.perf_counter() - self.clock >= self.args.checkpoint_every_seconds
+
+    def save(self, step: int, train_ms: float, model: nn.Module, optimizers: list[torch.optim.Optimizer],
+             loader: DistributedTokenLoader, ema: WeightEMA | None) -> None:
+        t0 = time.perf_counter()
+        weights = {name: t.detach().cpu() for name, t in model.state_dict().items()}
+        if not all(bool(torch.isfinite(t).all()) for t in weights.values() if t.is_floating_point()):
+            self.log(f"checkpoint step:{step} skipped: the weights are not finite")  # the same on every rank
+            return
+        local = {"optimizer": optimizer_states(model, optimizers, self.rt), "loader": list(loader.stream.position()),
+                 "rng": rng_states(self.rt.device)}
+        parts = [local]
+        if self.rt.distributed:
+            parts = [None] * self.rt.world_size if self.rt.is_main else None
+            dist.gather_object(local, parts, dst=0)
+        if self.rt.is_main:
+            config = resolved_config(self.args)
+            state = {"format": CHECKPOINT_VERSION, "step": step, "train_ms": train_ms, "world_size": self.rt.world_size,
+                     "model": weights, "optimizer": {name: entry for part in parts for name, entry in part["optimizer"].items()},
+                     "ema": {name: t.cpu() for name, t in ema.shadow.items()} if ema is not None else None,
+                     "ranks": [{"loader": part["loader"], "rng": part["rng"]} for part in parts],
+                     "config": config,
+                     "config_hash": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16],
+                     "code_hash": sha256_file(__file__)[:16], "train_shards": shard_fingerprint(loader)}
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            payload = buffer.getvalue()
+            path = self.folder / f"step_{step:08d}.ckpt"
+            self.folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, checkpoint_header(payload) + payload)
+            self.prune()
+            weights_crc = 0
+            for t in weights.values():
+                weights_crc = zlib.crc32(t.contiguous().view(-1).view(torch.uint8).numpy(), weights_crc)
+            self.log(f"checkpoint step:{step} path:{path} bytes:{CHECKPOINT_HEADER_BYTES + len(payload)} "
+                     f"weights_crc32:{weights_crc:08x} time:{1000.0 * (time.perf_counter() - t0):.0f}ms")
+        self.clock, self.written = time.perf_counter(), self.written + 1
+        self.total_ms += 1000.0 * (self.clock - t0)
+
+    def prune(self) -> None:
+        """Delete all but the newest CHECKPOINT_KEEP checkpoints, and temporary files of interrupted writes."""
+        found = sorted((int(m.group(1)), path) for path in self.folder.glob("step_*.ckpt")
+                       if (m := CHECKPOINT_FILE.fullmatch(path.name)))
+        for _, path in found[:-self.args.checkpoint_keep]:
+            path.unlink()
+        for stale in self.folder.glob(".step_*.ckpt.*.tmp"):  # atomic_write_bytes' temporary name
+            stale.unlink()
+
+    def report(self) -> None:
+        self.log(f"checkpoints written:{self.written} time:{self.total_ms:.0f}ms (inside train_time)")
+# --- end feature: checkpoints ---
 
 
 def train(args: Hyperparameters, rt: Runtime, log: Logger, model: GPT, val_ctx: StreamContext,
@@ -1609,24 +1944,34 @@ def train(args: Hyperparameters, rt: Runtime, log: Logger, model: GPT, val_ctx: 
     tokens_per_step = args.train_batch_tokens
     vote = StopVote(rt)
     train_ms, step, last_logged_loss, stop_step = 0.0, 0, float("nan"), args.iterations
+    if args.resume_from:
+        resumed = resume_training(args, rt, log, model, optimizers, loader)
+        if resumed is not None:
+            step, train_ms, ema = resumed
+    checkpoints = Checkpointer(args, rt, log) if args.checkpoint_every or args.checkpoint_every_seconds else None
+    checkpoint_due = False  # the clock's checkpoint request, as every rank read it from the vote
     synchronize()
     t0 = last_log = time.perf_counter()
     status.phase = "training"
 
     def check_vote() -> None:
-        """Act on the decision posted for the previous step: fail on a non-finite loss, stop when time is up."""
-        nonlocal stop_step
+        """Act on the decision posted for the previous step: fail on a non-finite loss, stop when time is up,
+        checkpoint when CHECKPOINT_EVERY_SECONDS have passed."""
+        nonlocal stop_step, checkpoint_due
         decided = vote.take()
         if decided is None:
             return
         decided_step, reasons = decided
         if reasons["sigterm"]:
+            if args.checkpoint_every or args.checkpoint_every_seconds:  # a pod being reclaimed keeps this step
+                checkpoints.save(step, train_ms + 1000.0 * (time.perf_counter() - t0), model, optimizers, loader, ema)
             raise RunStopped(f"SIGTERM: every rank stopped after step {step}", signal.SIGTERM)
         if reasons["non_finite_loss"]:
             raise FloatingPointError(f"non-finite training loss at step {decided_step}; last logged train_loss:"
                                      f"{last_logged_loss:.4f}; lower the learning rates or enable GRAD_CLIP_NORM")
         if reasons["time_up"]:
             stop_step = min(stop_step, step)  # every rank reads the same vote, so every rank stops at this step
+        checkpoint_due = checkpoint_due or reasons["checkpoint_due"]
 
     while True:
         if step == stop_step or (args.val_loss_every and step % args.val_loss_every == 0 and step > 0):
@@ -1654,10 +1999,15 @@ def train(args: Hyperparameters, rt: Runtime, log: Logger, model: GPT, val_ctx: 
         if step == 1:  # compiled and in lockstep from here on: a rank that stops answering fails the job soon
             set_collective_timeout(rt, args.dist_step_timeout_seconds)
         check_vote()
+        if args.checkpoint_every or args.checkpoint_every_seconds:  # the last one too, inside the timed loop
+            if (args.checkpoint_every and step % args.checkpoint_every == 0) or checkpoint_due or step == stop_step:
+                checkpoints.save(step, train_ms + 1000.0 * (time.perf_counter() - t0), model, optimizers, loader, ema)
+                checkpoint_due = False
         now = time.perf_counter()
         elapsed_ms = train_ms + 1000.0 * (now - t0)
         # The vote takes effect one step later: stop when the next step would end past the cap.
-        vote.post(step, max_ms > 0 and elapsed_ms + elapsed_ms / step >= max_ms, loss, status.sigterm)
+        vote.post(step, max_ms > 0 and elapsed_ms + elapsed_ms / step >= max_ms, loss, status.sigterm,
+                  args.checkpoint_every_seconds > 0 and checkpoints.clock_due())
         if step % args.train_log_every == 0 or step == 1 or (rt.is_main and now - last_log >= PROGRESS_SECONDS):
             last_log, last_logged_loss = now, float(loss)
             log(f"{step_label(step, elapsed_ms, args)} train_loss:{last_logged_loss:.4f} lr_scale:{scale:.3f} "
@@ -1670,6 +2020,8 @@ def train(args: Hyperparameters, rt: Runtime, log: Logger, model: GPT, val_ctx: 
     train_tok_s = step * tokens_per_step / max(train_ms / 1000.0, 1e-9)
     log(f"train_done steps:{step} train_time:{train_ms:.0f}ms tok_s:{train_tok_s:.0f}")
     log(f"peak_mem_mib:{peak_memory_mib(rt):.0f}")
+    if args.checkpoint_every or args.checkpoint_every_seconds:
+        checkpoints.report()
     if args.ema_decay > 0 and ema is not None:
         ema.copy_to(model)
         log(f"ema: applied decay {args.ema_decay} weights")
@@ -2637,7 +2989,7 @@ def open_run_log(args: Hyperparameters, rt: Runtime) -> Logger:
     except OSError as error:
         raise ConfigError(f"ARTIFACT_DIR={folder} is not writable ({error.strerror}): point it at a folder you "
                           "can write") from None
-    return Logger(run_log_path(args))
+    return Logger(run_log_path(args), append=bool(args.resume_from))  # a resumed run continues its log
 
 
 class Inputs(NamedTuple):

@@ -94,6 +94,7 @@ run_launcher() {
     require_data
     mkdir -p "$LOG_DIR"
     set -o pipefail
+    # A resumed run (RESUME_FROM set) appends to its console log, as the trainer does to its log.
     "${TORCHRUN:-torchrun}" --standalone --nproc_per_node="$NPROC_PER_NODE" "$TRAIN_SCRIPT" 2>&1 \
-        | tee "$LOG_DIR/$RUN_ID.console.log"
+        | tee ${RESUME_FROM:+-a} "$LOG_DIR/$RUN_ID.console.log"
 }
