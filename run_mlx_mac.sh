@@ -11,7 +11,7 @@ parse_launcher_args "$@"
 set_run_identity mlx_mac
 echo "launch: run_id=$RUN_ID seed=$SEED data=$DATA_PATH tokenizer=$TOKENIZER_PATH log=$LOG_DIR/$RUN_ID.txt" \
      "dry_run=${DRY_RUN:-0}"
-if [[ ${DRY_RUN:-0} == 1 ]]; then
+if [[ ${DRY_RUN:-0} != 0 ]]; then
     exec "${PYTHON:-python}" train_gpt_mlx.py
 fi
 require_data

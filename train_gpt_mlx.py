@@ -117,8 +117,8 @@ def compute_dtype(args: Hyperparameters) -> tuple[mx.Dtype, str]:
 class TokenLoader:
     """The training batches train_gpt.DistributedTokenLoader gives a single process: the same spans, as MLX arrays."""
 
-    def __init__(self, pattern: str, vocab_size: int):
-        self.stream = train_gpt.TokenStream(train_gpt.shard_files(pattern), vocab_size)
+    def __init__(self, data_path: str, vocab_size: int):
+        self.stream = train_gpt.TokenStream(train_gpt.shard_files(data_path, "train"), vocab_size)
 
     def next_batch(self, tokens: int, seq_len: int) -> tuple[mx.array, mx.array]:
         chunk = self.stream.take(tokens + 1).astype(np.int32)
@@ -644,7 +644,6 @@ def train(args: Hyperparameters, log: Logger, model: GPT, val_ctx: StreamContext
         log(f"param_group:{kind} tensors:{len(names)} params:{sum(sizes[n] for n in names)}")
     accum, micro_tokens = train_gpt.grad_accum_steps(args, 1)
     log(f"grad_accum_steps:{accum} micro_batch_tokens_per_rank:{micro_tokens}")
-    train_pattern = os.path.join(args.data_path, "fineweb_train_*.bin")
     grad_fn = loss_and_grad_fn(model, args)
 
     # Compile warm-up on training tokens; the weights are restored after. Its steps after the first (which
@@ -652,7 +651,7 @@ def train(args: Hyperparameters, log: Logger, model: GPT, val_ctx: StreamContext
     warmup_step_ms = 0.0
     if args.warmup_steps:
         initial = model.trainable_parameters()
-        warm_loader = TokenLoader(train_pattern, model.vocab_size)
+        warm_loader = TokenLoader(args.data_path, model.vocab_size)
         warm_opts = Optimizers(model, args, model.dtype)
         for i in range(args.warmup_steps):
             if i == 1:
@@ -665,7 +664,7 @@ def train(args: Hyperparameters, log: Logger, model: GPT, val_ctx: StreamContext
         model.update(initial)
         log(f"warmup_steps:{args.warmup_steps} done (weights and optimizer state restored) step_ms:{warmup_step_ms:.1f}")
 
-    loader = TokenLoader(train_pattern, model.vocab_size)
+    loader = TokenLoader(args.data_path, model.vocab_size)
     ema = None
     max_ms = 1000.0 * train_gpt.training_seconds(args)
     if args.max_wallclock_seconds > 0 and max_ms <= 0:
@@ -754,7 +753,7 @@ def fit_temperature(model: GPT, args: Hyperparameters, log: Logger) -> None:
 def export_and_reload(model: GPT, args: Hyperparameters, log: Logger) -> Path:
     """Write the artifact with train_gpt.export_and_reload (the same bytes train_gpt.py would write for these
     weights); its code_bytes count train_gpt.py, the file a submission ships."""
-    return train_gpt.export_and_reload(to_torch(model), args, SINGLE, log)
+    return train_gpt.export_and_reload(to_torch(model), args, SINGLE, log, train_gpt.RunStatus())
 
 
 def load_artifact(path: Path, args: Hyperparameters, dtype: mx.Dtype) -> GPT:
@@ -880,7 +879,7 @@ def environment_lines(dtype: mx.Dtype, why: str) -> list[str]:
 def main(environ: dict[str, str] | None = None) -> None:
     args = Hyperparameters(environ)
     check_twin_support(args)
-    if args.dry_run:
+    if args.dry_run != "0":  # the twin checks the settings only, for DRY_RUN=1 as for DRY_RUN=config
         print("\n".join(args.lines()))
         print("dry_run: configuration is valid (MLX twin)")
         return
@@ -899,8 +898,7 @@ def main(environ: dict[str, str] | None = None) -> None:
     train_gpt.check_tokenizer_spec(args, vocab_size)
     args = args.replace({"VOCAB_SIZE": vocab_size})
     tables = train_gpt.build_byte_tables(sp, vocab_size, SINGLE.device)
-    val_tokens = train_gpt.load_validation_tokens(os.path.join(args.data_path, "fineweb_val_*.bin"), args.train_seq_len,
-                                                  vocab_size, args.val_max_tokens)
+    val_tokens = train_gpt.load_validation_tokens(args.data_path, args.train_seq_len, vocab_size, args.val_max_tokens)
     log(f"val_tokens:{val_tokens.size - 1}")
     if args.val_max_tokens:
         log(f"WARNING: PARTIAL VALIDATION: VAL_MAX_TOKENS={args.val_max_tokens} scores {val_tokens.size - 1} tokens; "

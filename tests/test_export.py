@@ -176,8 +176,7 @@ def briefly_trained(tiny_data, overrides, steps=16):
     model = train_gpt.GPT(args, args.vocab_size)
     rt = train_gpt.Runtime(0, 1, 0, torch.device("cpu"), False)
     optimizers, _ = train_gpt.build_optimizers(model, args, fused=False)
-    loader = train_gpt.DistributedTokenLoader(str(tiny_data.data_path / "fineweb_train_*.bin"), args.vocab_size, 0, 1,
-                                              rt.device)
+    loader = train_gpt.DistributedTokenLoader(str(tiny_data.data_path), args.vocab_size, 0, 1, rt.device)
     accum, micro = train_gpt.grad_accum_steps(args, 1)
     for step in range(steps):
         train_gpt.optimizer_step(model, model, loader, optimizers, args, rt, accum, micro, step,
@@ -189,8 +188,8 @@ def briefly_trained(tiny_data, overrides, steps=16):
 def test_round_trip_costs_at_most_half_a_milli_bpb(tiny_data, name):
     model, args, rt = briefly_trained(tiny_data, EXPORT_CONFIGS[name])
     tables = train_gpt.build_byte_tables(tiny_data.sp, args.vocab_size, rt.device)
-    val = train_gpt.load_validation_tokens(str(tiny_data.data_path / "fineweb_val_*.bin"), args.train_seq_len,
-                                           args.vocab_size, max_tokens=4096)
+    val = train_gpt.load_validation_tokens(str(tiny_data.data_path), args.train_seq_len, args.vocab_size,
+                                           max_tokens=4096)
     ctx = train_gpt.stream_context(val, tables, args.train_seq_len, 4096, rt)
     result = train_gpt.export_model(model, args, train_gpt.Logger(None))
     loaded = train_gpt.load_artifact(result.blob, "test", args)
