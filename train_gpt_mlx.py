@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import signal
 import sys
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ import torch
 from mlx.utils import tree_flatten, tree_unflatten
 
 import train_gpt
-from train_gpt import ArtifactError, ConfigError, Logger, Runtime, Setting, ShardError, StreamContext
+from train_gpt import ArtifactError, ConfigError, Logger, Runtime, Setting, StreamContext
 
 # -----------------------------------------------------------------------------
 # Hyperparameters
@@ -145,17 +146,22 @@ def fp4_round_trip(x: mx.array, scale: mx.array) -> mx.array:
 
 
 def fp_row_scale(w: mx.array, fmt: str) -> mx.array:
+    """Per-row scale as stored (fp16, never zero) that maps the row's absolute maximum onto the format's largest value."""
     top = FP8_MAX if fmt == "fp8" else train_gpt.FP4_GRID[-1]
     amax = mx.max(mx.abs(w), axis=-1, keepdims=True).astype(mx.float32)
-    return mx.maximum(amax / top, 1e-12).astype(mx.float16).astype(mx.float32)
+    return mx.maximum((amax / top).astype(mx.float16).astype(mx.float32), train_gpt.FP16_TINIEST)
+
+
+def straight_through(w: mx.array, q: mx.array) -> mx.array:
+    """Exactly q in the forward (w - stop_gradient(w) is exactly 0), with w's gradient passed through unchanged."""
+    return q.astype(w.dtype) + (w - mx.stop_gradient(w))
 
 
 def fp_fake_quant(w: mx.array, fmt: str) -> mx.array:
-    """Round-trip w through fp8/fp4 storage; the gradient passes straight through."""
+    """Round-trip w through fp8/fp4 storage, exactly as export stores it; the gradient passes straight through."""
     frozen = mx.stop_gradient(w)
     scale = fp_row_scale(frozen, fmt)
-    q = fp8_round_trip(frozen, scale) if fmt == "fp8" else fp4_round_trip(frozen, scale)
-    return w + mx.stop_gradient(q.astype(w.dtype) - w)
+    return straight_through(w, fp8_round_trip(frozen, scale) if fmt == "fp8" else fp4_round_trip(frozen, scale))
 
 
 def round_scale(scale: mx.array, fmt: str) -> mx.array:
@@ -212,7 +218,7 @@ class TernaryLinear(nn.Module):
         trits, scales = ternary_quantize(self.weight, self.group_size, self.scale_format, self.threshold,
                                          self.scale_mult, self._fixed_scales)
         q = (trits.reshape(trits.shape[0], -1, self.group_size) * scales[..., None]).reshape(trits.shape)
-        w = self.weight + mx.stop_gradient(q - self.weight)
+        w = straight_through(self.weight, q)
         if self._hadamard is not None:
             x = rotate_blocks(x, self._hadamard)
         return x @ w.astype(x.dtype).T
@@ -225,9 +231,11 @@ class CastedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
         self.weight = mx.zeros((out_features, in_features))
+        self.storage_format: str | None = None  # fp8/fp4: the forward uses the weight as export stores it
 
     def __call__(self, x: mx.array) -> mx.array:
-        return x @ self.weight.astype(x.dtype).T
+        w = self.weight if self.storage_format is None else fp_fake_quant(self.weight, self.storage_format)
+        return x @ w.astype(x.dtype).T
 
 
 class LMHead(CastedLinear):
@@ -346,7 +354,8 @@ def softcap(logits: mx.array, cap: float, kind: str) -> mx.array:
 
 class GPT(nn.Module):
     """U-Net GPT: the first half of the blocks push skips that the second half pops, in reverse, with learned weights.
-    Built with placeholder values: the weights come from train_gpt.GPT (to_mlx), so both twins start alike."""
+    Built with placeholder values: the weights, and which matrices compute through their fp8/fp4 storage format
+    (train_gpt.GPT.simulate_storage), come from train_gpt.GPT (to_mlx), so both twins start alike."""
     param_roles = {"skip_weights": "scalar"}
 
     def __init__(self, args: Hyperparameters, vocab_size: int, dtype: mx.Dtype = mx.float32):
@@ -363,10 +372,11 @@ class GPT(nn.Module):
         self.skip_weights = mx.ones((min(self.num_encoder_layers, self.num_decoder_layers), args.model_dim))
         self.blocks = [Block(args) for _ in range(args.num_layers)]
         self._logit_temperature = mx.array(1.0) if args.eval_temperature_fit else None
+        self.embed_format: str | None = None
 
     def embedding_weight(self) -> mx.array:
         w = self.tok_emb.weight
-        return fp_fake_quant(w, self.args.fp_storage_sim) if self.args.fp_storage_sim != "none" else w
+        return w if self.embed_format is None else fp_fake_quant(w, self.embed_format)
 
     def hidden_states(self, input_ids: mx.array) -> mx.array:
         x = self.embedding_weight()[input_ids].astype(self.dtype)
@@ -428,6 +438,16 @@ def ternary_layers(model: GPT) -> dict[str, TernaryLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, TernaryLinear)}
 
 
+def copy_storage_formats(source, model: GPT) -> None:
+    """Which matrices of `model` compute through their storage format: as in `source` (either twin's GPT)."""
+    casted = (CastedLinear, train_gpt.CastedLinear)
+    formats = {name: m.storage_format for name, m in source.named_modules() if isinstance(m, casted)}
+    for name, m in model.named_modules():
+        if isinstance(m, CastedLinear):
+            m.storage_format = formats[name]
+    model.embed_format = source.embed_format
+
+
 # -----------------------------------------------------------------------------
 # Conversion to and from train_gpt.GPT (initial weights, export, artifacts, parity tests)
 # -----------------------------------------------------------------------------
@@ -448,6 +468,7 @@ def to_mlx(torch_model: train_gpt.GPT, dtype: mx.Dtype = mx.float32) -> GPT:
             twin._fixed_scales = None if layer.fixed_scales is None else mx.array(layer.fixed_scales.float().numpy())
     if torch_model.logit_temperature is not None:
         model._logit_temperature = mx.array(float(torch_model.logit_temperature))
+    copy_storage_formats(torch_model, model)
     model.export_name = getattr(torch_model, "export_name", "artifact")
     mx.eval(model.parameters())
     return model
@@ -462,6 +483,7 @@ def clone_model(model: GPT) -> GPT:
         twins[name].threshold, twins[name].scale_mult = layer.threshold, layer.scale_mult
         twins[name]._fixed_scales = layer._fixed_scales
     clone._logit_temperature = model._logit_temperature
+    copy_storage_formats(model, clone)
     return clone
 
 
@@ -636,7 +658,8 @@ def progress_eta_s(step: int, elapsed_ms: float, args: Hyperparameters) -> float
     return min(by_steps, max(cap_ms - elapsed_ms, 0.0) / 1000.0) if cap_ms > 0 else by_steps
 
 
-def train(args: Hyperparameters, log: Logger, model: GPT, val_ctx: StreamContext) -> dict[str, float]:
+def train(args: Hyperparameters, log: Logger, model: GPT, val_ctx: StreamContext,
+          status: train_gpt.RunStatus) -> dict[str, float]:
     """Warm-up, then the timed step loop, with train_gpt.train's schedule, stops and log lines."""
     optimizers = Optimizers(model, args, model.dtype)
     sizes = {name: p.size for name, p in tree_flatten(model.trainable_parameters())}
@@ -649,6 +672,7 @@ def train(args: Hyperparameters, log: Logger, model: GPT, val_ctx: StreamContext
     # Compile warm-up on training tokens; the weights are restored after. Its steps after the first (which
     # compiles) also time a step, for the WARMDOWN_ITERS projection (as in train_gpt.train).
     warmup_step_ms = 0.0
+    status.phase = "compilation and warm-up"
     if args.warmup_steps:
         initial = model.trainable_parameters()
         warm_loader = TokenLoader(args.data_path, model.vocab_size)
@@ -672,6 +696,7 @@ def train(args: Hyperparameters, log: Logger, model: GPT, val_ctx: StreamContext
                           f"MAX_WALLCLOCK_SECONDS={args.max_wallclock_seconds}")
     tokens_per_step = args.train_batch_tokens
     train_ms, step, last_loss, stop_step = 0.0, 0, float("nan"), args.iterations
+    status.phase = "training"
     t0 = last_log = time.perf_counter()
     while True:
         last_step = step == stop_step
@@ -690,6 +715,7 @@ def train(args: Hyperparameters, log: Logger, model: GPT, val_ctx: StreamContext
         loss, grads = train_step(grad_fn, loader, args, accum, micro_tokens)
         optimizer_step(model, optimizers, grads, args)
         step += 1
+        status.step = step
         if args.ema_decay > 0:
             params = dict(tree_flatten(model.trainable_parameters()))
             if ema is None and train_gpt.training_progress(step, elapsed_ms, args) >= args.ema_start_frac:
@@ -712,9 +738,12 @@ def train(args: Hyperparameters, log: Logger, model: GPT, val_ctx: StreamContext
                 f"eta:{progress_eta_s(step, elapsed_ms, args):.0f}s")
         if max_ms > 0 and elapsed_ms + elapsed_ms / step >= max_ms:  # the next step would end past the cap
             stop_step = step
+        if status.sigterm:  # SIGTERM in the step loop stops at a step boundary (train_gpt.RunStatus)
+            raise train_gpt.RunStopped(f"SIGTERM: stopped after step {step}", signal.SIGTERM)
     train_tok_s = step * tokens_per_step / max(train_ms / 1000.0, 1e-9)
     log(f"train_done steps:{step} train_time:{train_ms:.0f}ms tok_s:{train_tok_s:.0f}")
     log(f"peak_mem_mib:{peak_memory_mib():.0f}")
+    status.phase = "post-training"
     if ema is not None:
         model.update(tree_unflatten(list(ema.items())))
         log(f"ema: applied decay {args.ema_decay} weights")
@@ -750,14 +779,10 @@ def fit_temperature(model: GPT, args: Hyperparameters, log: Logger) -> None:
 # -----------------------------------------------------------------------------
 # Export: train_gpt.py's exporter, on the torch model holding these weights
 # -----------------------------------------------------------------------------
-def export_and_reload(model: GPT, args: Hyperparameters, log: Logger) -> Path:
+def export_and_reload(model: GPT, args: Hyperparameters, log: Logger, status: train_gpt.RunStatus) -> Path:
     """Write the artifact with train_gpt.export_and_reload (the same bytes train_gpt.py would write for these
     weights); its code_bytes count train_gpt.py, the file a submission ships."""
-    return train_gpt.export_and_reload(to_torch(model), args, SINGLE, log, train_gpt.RunStatus())
-
-
-def load_artifact(path: Path, args: Hyperparameters, dtype: mx.Dtype) -> GPT:
-    return to_mlx(train_gpt.load_artifact(path.read_bytes(), str(path), args), dtype)
+    return train_gpt.export_and_reload(to_torch(model), args, SINGLE, log, status)
 
 
 # -----------------------------------------------------------------------------
@@ -877,27 +902,46 @@ def environment_lines(dtype: mx.Dtype, why: str) -> list[str]:
 
 
 def main(environ: dict[str, str] | None = None) -> None:
+    """train_gpt.main on one MLX device: the same start-up checks, outputs, stop reasons and failed-artifact naming."""
     args = Hyperparameters(environ)
     check_twin_support(args)
-    if args.dry_run != "0":  # the twin checks the settings only, for DRY_RUN=1 as for DRY_RUN=config
-        print("\n".join(args.lines()))
-        print("dry_run: configuration is valid (MLX twin)")
+    if args.dry_run != "0":
+        train_gpt.dry_run(args, os.environ if environ is None else environ)
         return
     args = args.replace({"RUN_ID": args.run_id or time.strftime("%Y%m%d_%H%M%S_mlx")})
-    log = Logger(Path(args.log_dir) / f"{args.run_id}.txt")
+    log = train_gpt.open_run_log(args, SINGLE)
+    status = train_gpt.RunStatus()
+    status.install()
+    try:
+        run(args, log, status)
+    except BaseException as error:
+        if status.artifact is not None:
+            os.replace(status.artifact, train_gpt.artifact_path(args, "failed"))
+            log(f"artifact renamed to {train_gpt.artifact_path(args, 'failed')}: the run failed after writing it")
+        log(train_gpt.stop_reason(error, status))
+        raise
+    finally:
+        status.uninstall()
+    log(f"stop_reason:completed steps:{status.step}")
+
+
+def run(args: Hyperparameters, log: Logger, status: train_gpt.RunStatus) -> None:
+    """Check every input (train_gpt.check_inputs), then train, calibrate, export and evaluate (or evaluate
+    EVAL_ARTIFACT)."""
+    inputs = train_gpt.check_inputs(args, 1)
+    shard_line = train_gpt.check_all_shards(inputs, SINGLE)
     dtype, why = compute_dtype(args)
-    for line in args.lines() + environment_lines(dtype, why):
+    for line in (inputs.artifact_args or args).lines() + environment_lines(dtype, why):
         log(line)
+    if inputs.artifact_args is not None:
+        log(f"model settings: from the artifact {args.eval_artifact}, not from the environment")
+    log(shard_line)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     mx.random.seed(args.seed)
-    sp = train_gpt.load_tokenizer(args.tokenizer_path)
-    vocab_size = int(sp.vocab_size())
-    if args.vocab_size and args.vocab_size != vocab_size:
-        raise ConfigError(f"VOCAB_SIZE={args.vocab_size} but tokenizer {args.tokenizer_path} has {vocab_size} pieces")
-    train_gpt.check_tokenizer_spec(args, vocab_size)
+    vocab_size = inputs.vocab_size
     args = args.replace({"VOCAB_SIZE": vocab_size})
-    tables = train_gpt.build_byte_tables(sp, vocab_size, SINGLE.device)
+    tables = train_gpt.build_byte_tables(inputs.sp, vocab_size, SINGLE.device)
     val_tokens = train_gpt.load_validation_tokens(args.data_path, args.train_seq_len, vocab_size, args.val_max_tokens)
     log(f"val_tokens:{val_tokens.size - 1}")
     if args.val_max_tokens:
@@ -908,27 +952,34 @@ def main(environ: dict[str, str] | None = None) -> None:
     eval_ctx = train_ctx if args.eval_len == args.train_seq_len else train_gpt.stream_context(
         val_tokens, tables, args.eval_len, args.val_batch_size, SINGLE)
     if args.eval_artifact:
-        path = Path(args.eval_artifact)
-        log(f"eval_artifact:{path} (no training)")
+        log(f"eval_artifact:{args.eval_artifact} (no training)")
+        (config, records), read_ms = inputs.artifact, inputs.artifact_read_ms
     else:
         initial = train_gpt.GPT(args, vocab_size)  # train_gpt.py's initialization from SEED: both twins start alike
         log("params " + " ".join(f"{k}:{v}" for k, v in train_gpt.count_parameters(initial).items()))
         model = to_mlx(initial, dtype)
         del initial
-        summary = train(args, log, model, train_ctx)
+        summary = train(args, log, model, train_ctx, status)
         t0 = time.perf_counter()
+        status.phase = "calibration"
         model = calibrate_ternary(model, args, log)
         fit_temperature(model, args, log)
         if train_gpt.post_training_fits(args):
             fit_ms = 1000.0 * (time.perf_counter() - t0)
             log(f"post_training_time:{fit_ms:.0f}ms total_training_time:{summary['train_ms'] + fit_ms:.0f}ms "
                 f"of MAX_WALLCLOCK_SECONDS={args.max_wallclock_seconds}")
+        status.phase = "evaluation"
         train_gpt.log_eval(log, "final_prequant", lambda progress: evaluate_windows(model, eval_ctx, args.eval_len, progress),
                            SINGLE, args)
-        path = export_and_reload(model, args, log)
+        status.phase = "export"
+        path = export_and_reload(model, args, log, status)
+        t0 = time.perf_counter()
+        config, records = train_gpt.read_artifact(path)
+        read_ms = 1000.0 * (time.perf_counter() - t0)
+    status.phase = "evaluation"
     t0 = time.perf_counter()
-    loaded = load_artifact(path, args, dtype)
-    load_ms = 1000.0 * (time.perf_counter() - t0)
+    loaded = to_mlx(train_gpt.model_from_records(config, records, args), dtype)
+    load_ms = read_ms + 1000.0 * (time.perf_counter() - t0)
     log(f"artifact_load_and_warmup_time:{load_ms:.0f}ms")
     train_gpt.log_eval(log, f"final_{loaded.export_name}_roundtrip",
                        lambda progress: evaluate_windows(loaded, eval_ctx, args.eval_len, progress), SINGLE, args, load_ms)
@@ -940,6 +991,7 @@ def main(environ: dict[str, str] | None = None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, ShardError, ArtifactError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    except BaseException as error:  # noqa: B036 (SIGINT and SIGTERM get their own exit status)
+        if isinstance(error, SystemExit):
+            raise
+        sys.exit(train_gpt.exit_status(error))

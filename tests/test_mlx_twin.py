@@ -290,9 +290,9 @@ def test_the_twin_runs_on_one_device_only(tiny_data, monkeypatch):
 
 def test_command_line_dry_run_and_bad_setting():
     ok = subprocess.run([sys.executable, "train_gpt_mlx.py"], cwd=REPO_ROOT_FOR_TESTS, capture_output=True, text=True,
-                        env=subprocess_env({"DRY_RUN": "1", "NUM_LAYERS": "9"}))
+                        env=subprocess_env({"DRY_RUN": "config", "NUM_LAYERS": "9"}))
     assert ok.returncode == 0, ok.stderr
     assert "config NUM_LAYERS=9" in ok.stdout and "config MLX_COMPUTE_DTYPE=auto" in ok.stdout
     bad = subprocess.run([sys.executable, "train_gpt_mlx.py"], cwd=REPO_ROOT_FOR_TESTS, capture_output=True, text=True,
-                         env=subprocess_env({"DRY_RUN": "1", "ATTN_BACKEND": "fa3"}))
+                         env=subprocess_env({"DRY_RUN": "config", "ATTN_BACKEND": "fa3"}))
     assert bad.returncode == 2 and "ATTN_BACKEND" in bad.stderr
