@@ -60,13 +60,13 @@ class Hyperparameters(train_gpt.Hyperparameters):
 
 
 # What the twin does with each train_gpt.py setting. Supported ones mean what they mean there (on one
-# device, so DIST_TIMEOUT_SECONDS has no collective to time out; ternary calibration and the EvalEngram
+# device, so DIST_*TIMEOUT_SECONDS have no collective to time out; ternary calibration and the EvalEngram
 # counts run through train_gpt.py's own code on the CPU). An unsupported one stops the run when
 # it asks for what the twin lacks; a setting in neither list (one added to train_gpt.py after the twin)
 # stops the run whenever it is not at its default, so nothing is ever silently ignored.
 SUPPORTED_SETTINGS = frozenset((
     "DATA_PATH", "TOKENIZER_PATH", "VOCAB_SIZE", "RUN_ID", "SEED", "LOG_DIR", "ARTIFACT_DIR", "DRY_RUN",
-    "DIST_TIMEOUT_SECONDS", "ITERATIONS", "WARMUP_STEPS", "LR_WARMUP_STEPS", "WARMDOWN_FRACTION", "WARMDOWN_ITERS",
+    "DIST_TIMEOUT_SECONDS", "DIST_STEP_TIMEOUT_SECONDS", "RUN_OVERWRITE", "ITERATIONS", "WARMUP_STEPS", "LR_WARMUP_STEPS", "WARMDOWN_FRACTION", "WARMDOWN_ITERS",
     "TRAIN_BATCH_TOKENS",
     "TRAIN_MICRO_BATCH_TOKENS", "TRAIN_SEQ_LEN", "MAX_WALLCLOCK_SECONDS", "VAL_LOSS_EVERY", "VAL_BATCH_SIZE",
     "VAL_MAX_TOKENS", "TRAIN_LOG_EVERY", "GRAD_CLIP_NORM", "EMA_DECAY", "EMA_START_FRAC", "MODEL_COMPILE",
