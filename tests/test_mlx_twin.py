@@ -156,8 +156,8 @@ def test_score_first_ttt_matches(tiny_data, val_context, scope):
     torch_model = perturbed_torch_model(args)
     model = twin.to_mlx(torch_model)
     before = dict(tree_flatten(model.parameters()))
-    theirs = train_gpt.reduce_scored(train_gpt.evaluate_streaming(torch_model, val_context, args, twin.SINGLE, ttt=True,
-                                                                  engram=False), twin.SINGLE)
+    theirs = train_gpt.reduce_scored(train_gpt.evaluate_streaming(torch_model, val_context, args, twin.SINGLE),
+                                     twin.SINGLE)
     ours = train_gpt.reduce_scored(twin.evaluate_streaming(model, val_context, args, ttt=True, engram=False),
                                    twin.SINGLE)
     plain = train_gpt.reduce_scored(twin.evaluate_windows(model, val_context, 32), twin.SINGLE)
@@ -174,8 +174,8 @@ def test_score_first_ttt_matches(tiny_data, val_context, scope):
 def test_eval_engram_matches(tiny_data, val_context, overrides, ttt):
     args = twin_args(tiny_data, EVAL_ENGRAM="1", TTT_ENABLED=str(int(ttt)), EVAL_CHUNK_TOKENS="512", **overrides)
     torch_model = perturbed_torch_model(args)
-    theirs = train_gpt.reduce_scored(train_gpt.evaluate_streaming(torch_model, val_context, args, twin.SINGLE, ttt=ttt,
-                                                                  engram=True), twin.SINGLE)
+    theirs = train_gpt.reduce_scored(train_gpt.evaluate_streaming(torch_model, val_context, args, twin.SINGLE),
+                                     twin.SINGLE)
     ours = train_gpt.reduce_scored(twin.evaluate_streaming(twin.to_mlx(torch_model), val_context, args, ttt=ttt,
                                                            engram=True), twin.SINGLE)
     assert (ours.targets, ours.bytes) == (theirs.targets, theirs.bytes)
