@@ -162,7 +162,7 @@ def dry_runs() -> dict:
     processes = {name: subprocess.Popen(command, cwd=REPO_ROOT, env=env, text=True,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
                  for name, (command, env) in JOBS.items()}
-    return {name: (process.wait(timeout=120), process.stdout.read()) for name, process in processes.items()}
+    return {name: (process.wait(timeout=600), process.stdout.read()) for name, process in processes.items()}
 
 
 @needs_trainer_config
