@@ -580,8 +580,7 @@ def cmd_download(args) -> None:
     manifest = {"sources": [f"{args.repo_id}:{remote_dir}"], "spec": spec["name"],
                 "tokenizer_path": str(tokenizer.resolve()), "tokenizer_sha256": sha256_file(tokenizer),
                 "vocab_size": spec["vocab_size"], "shards": names}
-    atomic_write_bytes(out_dir / "manifest.json", (json.dumps(manifest, indent=2) + "
-").encode())
+    atomic_write_bytes(out_dir / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
     print(f"{len(names)} shards in {out_dir} (headers checked); tokenizer {tokenizer}")
 
 
