@@ -541,8 +541,9 @@ def fetch_shard(repo_id: str, remote_path: str, destination: Path) -> None:
         raise
 
 
-def remote_val_shards(args, suffix: str) -> int:
-    """Number of validation shards, from the published manifest.json."""
+def remote_dataset(args, suffix: str) -> tuple[int, str | None]:
+    """(number of validation shards, the tokenizer model's path under the remote root or None), from the
+    published manifest.json: a dataset entry names its tokenizer, whose entry gives the model's path."""
     manifest = json.loads(fetch(args.repo_id, f"{args.remote_root}/manifest.json",
                                 DATA_DIR / "manifest.json").read_text(encoding="utf-8"))
     for entry in manifest.get("datasets", []):
@@ -550,7 +551,9 @@ def remote_val_shards(args, suffix: str) -> int:
             stats = entry.get("stats") or {}
             if args.train_shards > int(stats.get("files_train", args.train_shards)):
                 fail(f"{suffix} has only {stats['files_train']} train shards on {args.repo_id}")
-            return int(stats.get("files_val", 1))
+            tokenizers = {t.get("name"): t for t in manifest.get("tokenizers", [])}
+            model_path = tokenizers.get(entry.get("tokenizer_name"), {}).get("model_path")
+            return int(stats.get("files_val", 1)), model_path
     fail(f"dataset fineweb10B_{suffix} is not listed in {args.repo_id}:{args.remote_root}/manifest.json")
 
 
@@ -565,12 +568,14 @@ def cmd_download(args) -> None:
     dataset = f"fineweb10B_{args.variant}"
     out_dir = DATA_DIR / "datasets" / dataset
     remote_dir = f"{args.remote_root}/datasets/{dataset}"
-    names = [f"fineweb_val_{i:06d}.bin" for i in range(remote_val_shards(args, args.variant))]
+    val_shards, model_path = remote_dataset(args, args.variant)
+    names = [f"fineweb_val_{i:06d}.bin" for i in range(val_shards)]
     names += [f"fineweb_train_{i:06d}.bin" for i in range(args.train_shards)]
     for name in tqdm(names, desc=dataset, unit="shard"):
         fetch_shard(args.repo_id, f"{remote_dir}/{name}", out_dir / name)
+    # Stored under the spec's name, which the configs and train_gpt.py's variant check expect.
     tokenizer = DATA_DIR / "tokenizers" / spec["tokenizer_filename"]
-    fetch(args.repo_id, f"{args.remote_root}/tokenizers/{spec['tokenizer_filename']}", tokenizer)
+    fetch(args.repo_id, f"{args.remote_root}/{model_path or 'tokenizers/' + spec['tokenizer_filename']}", tokenizer)
     # the trainer checks a TOKENIZER_PATH against this record (a tokenizer of the same size would go unnoticed)
     manifest = {"sources": [f"{args.repo_id}:{remote_dir}"], "spec": spec["name"],
                 "tokenizer_path": str(tokenizer.resolve()), "tokenizer_sha256": sha256_file(tokenizer),

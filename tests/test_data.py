@@ -389,3 +389,22 @@ def test_download_rejects_a_corrupt_shard(prepare, tmp_path, monkeypatch):
     with pytest.raises(ShardError, match="fineweb_val_000000.bin"):
         prepare.main(["download", "--variant", "sp1024", "--train-shards", "1"])
     assert not (tmp_path / "data" / "datasets" / "fineweb10B_sp1024" / "fineweb_val_000000.bin").exists()
+
+
+def test_download_sp8192_takes_the_tokenizer_the_manifest_names(prepare, tmp_path, monkeypatch):
+    root = tmp_path / "remote" / "datasets"
+    manifest = {"datasets": [{"name": "fineweb10B_sp8192", "tokenizer_name": "sp_bpe_8192",
+                              "stats": {"files_train": 2, "files_val": 1}}],
+                "tokenizers": [{"name": "sp_bpe_8192", "model_path": "tokenizers/v2/fineweb_8192_bpe.model"}]}
+    (root / "tokenizers" / "v2").mkdir(parents=True)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    (root / "tokenizers" / "v2" / "fineweb_8192_bpe.model").write_bytes(b"model8192")
+    for name in ("fineweb_val_000000", "fineweb_train_000000"):
+        train_gpt.write_shard(root / "datasets" / "fineweb10B_sp8192" / f"{name}.bin", np.arange(8000, 8010))
+    requested = fake_hub(monkeypatch, tmp_path / "remote")
+    monkeypatch.setattr(prepare, "hub_unreachable_reason", lambda: None)
+    monkeypatch.setattr(prepare, "DATA_DIR", tmp_path / "data")
+    prepare.main(["download", "--variant", "sp8192", "--train-shards", "1"])
+    assert requested[-1] == "datasets/tokenizers/v2/fineweb_8192_bpe.model"
+    assert (tmp_path / "data" / "tokenizers" / "fineweb_8192_bpe.model").read_bytes() == b"model8192"
+    assert (tmp_path / "data" / "datasets" / "fineweb10B_sp8192" / "fineweb_train_000000.bin").is_file()

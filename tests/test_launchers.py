@@ -89,12 +89,15 @@ def fake_data(tmp_path: Path) -> dict:
 
 
 def test_launcher_stops_without_data_and_says_how_to_get_it(tmp_path):
-    env = {**os.environ, "DATA_PATH": str(tmp_path / "none"), "TOKENIZER_PATH": str(tmp_path / "none.model")}
+    env = {**os.environ, "DATA_PATH": str(tmp_path / "fineweb10B_sp1024"), "TOKENIZER_PATH": str(tmp_path / "none.model")}
     result = subprocess.run(["bash", str(REPO_ROOT / "run_skc_competition_8xh100.sh")], env=env,
                             capture_output=True, text=True)
     assert result.returncode == 1
     assert "missing train shards" in result.stderr and "missing tokenizer" in result.stderr
     assert "python data/prepare.py download --variant sp1024 --train-shards 80" in result.stderr
+    plain = subprocess.run(["bash", str(REPO_ROOT / "run_skc_competition_8xh100.sh")], capture_output=True, text=True,
+                           env={k: v for k, v in os.environ.items() if k not in ("DATA_PATH", "TOKENIZER_PATH")})
+    assert "python data/prepare.py download --variant sp8192 --train-shards 80" in plain.stderr
 
 
 def test_launcher_hands_torchrun_the_settings(tmp_path):
@@ -159,7 +162,7 @@ def dry_runs() -> dict:
     processes = {name: subprocess.Popen(command, cwd=REPO_ROOT, env=env, text=True,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
                  for name, (command, env) in JOBS.items()}
-    return {name: (process.wait(timeout=120), process.stdout.read()) for name, process in processes.items()}
+    return {name: (process.wait(timeout=600), process.stdout.read()) for name, process in processes.items()}
 
 
 @needs_trainer_config

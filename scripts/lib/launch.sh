@@ -66,9 +66,12 @@ require_data() {
     [[ -f $TOKENIZER_PATH ]] || missing+=("tokenizer $TOKENIZER_PATH")
     if (( ${#missing[@]} )); then
         printf 'error: missing %s\n' "${missing[@]}" >&2
+        local variant
+        variant=$(basename "$DATA_PATH")
+        [[ $variant == fineweb10B_* ]] && variant=${variant#fineweb10B_} || variant="<sp1024|sp4096|sp8192>"
         cat >&2 <<HINT
 Get the official FineWeb shards and tokenizer with
-  python data/prepare.py download --variant sp1024 --train-shards 80
+  python data/prepare.py download --variant $variant --train-shards 80
 or point DATA_PATH / TOKENIZER_PATH at shards built with python data/prepare.py build.
 HINT
         exit 1
