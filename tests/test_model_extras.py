@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import train_gpt
+import test_export as export_tests
+from test_export import perturbed_model
 from tiny_lm import REPO_ROOT_FOR_TESTS, subprocess_env
 
 VOCAB = 96
@@ -17,19 +19,8 @@ EVERY_FLAG = dict(ENGRAM_ENABLED=1, ENGRAM_DIM=64, ENGRAM_BUCKETS=128, ENGRAM_LA
 
 
 def tiny_args(**overrides):
-    env = dict(NUM_LAYERS=4, MODEL_DIM=64, NUM_HEADS=2, NUM_KV_HEADS=1, MLP_MULT=2, TERNARY_GROUP_SIZE=32)
-    env.update(overrides)
-    args = train_gpt.Hyperparameters({k: str(v) for k, v in env.items()})
-    args.vocab_size = VOCAB
-    return args
-
-
-def perturbed_model(args, seed=0):
-    torch.manual_seed(seed)
-    model = train_gpt.GPT(args, VOCAB)
-    for p in model.parameters():
-        p.data.add_(torch.randn_like(p) * 0.05)
-    return model
+    """test_export's tiny configuration (vocabulary 96) with 4 layers, so the upper half is 2 layers."""
+    return export_tests.tiny_args(**{"NUM_LAYERS": 4, **overrides})
 
 
 def token_batch(seed=1, batch=2, length=24):
