@@ -1132,8 +1132,7 @@ class ForwardContext:
     """What one forward pass carries between layers: created per call and dropped after it, never stored on a
     module (auxiliary losses on modules would leak across calls, ranks and compiled graphs)."""
 
-    def __init__(self, input_ids: Tensor):
-        self.input_ids = input_ids
+    def __init__(self):
         self.values0: Tensor | None = None  # layer 0's attention values (VRL)
         self.aux_losses: list[Tensor] = []  # weighted terms of the training objective, never of the reported loss
         self.router_stats: list[Tensor] = []  # one ROUTER_STATS row per routing layer (MoE)
@@ -1490,7 +1489,7 @@ class GPT(nn.Module):
         return w if self.embed_format is None else fp_fake_quant(w, self.embed_format)
 
     def hidden_states(self, input_ids: Tensor, ctx: ForwardContext | None = None) -> Tensor:
-        ctx = ForwardContext(input_ids) if ctx is None else ctx
+        ctx = ForwardContext() if ctx is None else ctx
         x = F.embedding(input_ids, self.embedding_weight())
         if self.embed_proj is not None:
             x = self.embed_proj(x)
@@ -1522,7 +1521,7 @@ class GPT(nn.Module):
     def forward(self, input_ids: Tensor, with_aux: bool = False) -> Tensor | tuple[Tensor, ModelAux]:
         """Logits [B, T, vocab] in fp32, after the softcap; with_aux: also the auxiliary objective terms and
         router figures of this pass (training only: evaluation scores the logits alone)."""
-        ctx = ForwardContext(input_ids)
+        ctx = ForwardContext()
         logits = self.logits(self.hidden_states(input_ids, ctx))
         if not with_aux:
             return logits
@@ -3549,6 +3548,8 @@ def run(args: Hyperparameters, rt: Runtime, log: Logger, status: RunStatus) -> N
         model = GPT(args, vocab_size).to(rt.device)
         model.set_attention_backend(backend, flash_fn)
         log("params " + " ".join(f"{k}:{v}" for k, v in count_parameters(model).items()))
+        if args.vrl_enabled and not vrl_active(args):
+            log("vrl: off, layer 0 is not attention (VRL_ENABLED blends layer-0 attention values into later layers)")
         summary = train(args, rt, log, model, train_ctx, status)
         t0 = time.perf_counter()
         status.phase = "calibration"
