@@ -1333,19 +1333,25 @@ class TernaryMoE(nn.Module):
         dense = torch.zeros_like(probs).scatter(-1, top_i, weights).to(x.dtype)
         out = sum(dense[..., e:e + 1] * expert(x) for e, expert in enumerate(self.experts))
         flat_probs, flat_top = probs.reshape(-1, self.num_experts), top_i.reshape(-1, self.top_k)
-        assigned = F.one_hot(flat_top, self.num_experts).float().sum(1)  # [tokens, E]
-        balance = self.num_experts * (assigned.mean(0) / self.top_k * flat_probs.mean(0)).sum()
+        assigned = expert_counts(flat_top, self.num_experts)
+        balance = self.num_experts * (assigned / assigned.sum() * flat_probs.mean(0)).sum()
         z_loss = torch.logsumexp(logits, dim=-1).square().mean()
         ctx.aux_losses.append(self.aux_coef * balance + self.z_coef * z_loss)
         ctx.router_stats.append(router_stats(flat_probs.detach(), flat_top, balance.detach()))
         return out
 
 
+def expert_counts(choices: Tensor, num_experts: int) -> Tensor:
+    """How many of `choices` (expert indices, any shape) name each expert, as floats (no device sync)."""
+    flat = choices.reshape(-1)
+    return torch.zeros(num_experts, device=flat.device).index_add_(0, flat, torch.ones(flat.numel(), device=flat.device))
+
+
 def router_stats(probs: Tensor, top_i: Tensor, balance: Tensor) -> Tensor:
     """One ROUTER_STATS row from a pass's router probabilities [tokens, E] and top-k choices [tokens, k]."""
     num_experts = probs.size(-1)
-    top1 = F.one_hot(top_i[:, 0], num_experts).float().sum(0)
-    assigned = F.one_hot(top_i, num_experts).float().sum((0, 1))
+    top1 = expert_counts(top_i[:, 0], num_experts)
+    assigned = expert_counts(top_i, num_experts)
     entropy = -(probs * probs.clamp_min(1e-12).log()).sum()
     figures = torch.stack((probs.gather(-1, top_i[:, :1]).sum(), entropy, torch.tensor(float(probs.size(0)),
                            device=probs.device), balance.float(), torch.ones((), device=probs.device)))
