@@ -52,7 +52,8 @@ from torch import Tensor, nn
 ENV_PREFIXES = ("TTT_", "EVAL_", "CALIB_", "MUON_", "ADAM_", "EXPORT_", "TERNARY_", "TURBO_QUANT_", "EMA_", "SLIDING_",
                 "TRAIN_", "VAL_", "WARMDOWN_", "WARMUP_", "QK_", "ROPE_", "MLP_", "EMBED_", "LOGIT_", "SOFTCAP_", "NUM_",
                 "MODEL_", "TIED_", "FP_", "ATTN_", "SIZE_", "SUBMISSION_",
-                "CHECKPOINT_", "RESUME_")
+                "CHECKPOINT_", "RESUME_", "ENGRAM_", "BIGRAM_HASH_", "MOE_", "XSA_", "VRL_", "SMEAR_", "SMEARGATE_",
+                "LN_SCALE_")
 ENV_SUFFIXES = ("_LR",)
 
 # `build_submission.py extract` rewrites these two in the file it writes; the full trainer removes and folds
@@ -266,10 +267,51 @@ class Hyperparameters:
         "TTT_MOMENTUM": Setting(0.9, lo=0.0, hi=0.9999),
         "TTT_EPOCHS": Setting(1, lo=1),
         "TTT_GRAD_CLIP": Setting(1.0, lo=0.0),
+        # feature: engram_hash
+        "ENGRAM_ENABLED": Setting(False),  # hashed n-gram memory trained with the network
+        "ENGRAM_NUM_HEADS": Setting(2, lo=1, hi=8),  # hash functions (tables) per order
+        "ENGRAM_NUM_ORDERS": Setting(2, lo=1, hi=4),  # n-gram orders 2 .. ENGRAM_NUM_ORDERS+1
+        "ENGRAM_BUCKETS": Setting(4096, lo=1),  # rows per table
+        "ENGRAM_DIM": Setting(128, lo=1),  # memory width, split evenly over orders x heads
+        "ENGRAM_LAYER": Setting(1, lo=0),  # the encoder block whose input receives the memory
+        "ENGRAM_LR": Setting(0.05, lo=0.0),  # Adam LR of the tables
+        # feature: moe
+        "MOE_ENABLED": Setting(False),  # ternary mixture of experts in place of the MLP of the upper layers
+        "MOE_NUM_EXPERTS": Setting(4, lo=2, hi=64),
+        "MOE_TOP_K": Setting(1, lo=1),
+        "MOE_LAYER_FRAC": Setting(0.5, lo=0.0, hi=1.0),  # share of the layers (the last ones) that route
+        "MOE_START_FRACTION": Setting(0.0, lo=0.0, hi=1.0),  # share of the training clock run densely first
+        "MOE_ROUTER_AUX_LOSS_COEF": Setting(0.01, lo=0.0),  # load-balance loss weight
+        "MOE_ROUTER_Z_LOSS_COEF": Setting(0.001, lo=0.0),  # router z-loss weight
+        "MOE_ROUTER_TEMPERATURE": Setting(1.0, lo=1e-3),  # router logits are divided by it
+        # feature: xsa
+        "XSA_LAST_N": Setting(0, lo=0),  # the last N layers' attention drops its component along the own value
+        # feature: vrl
+        "VRL_ENABLED": Setting(False),  # value residual: layer-0 values blended into every later attention layer
+        # feature: smear_gate
+        "SMEAR_GATE": Setting(False),  # blend the previous token's embedding in through a learned gate
+        # feature: ln_scale_damping
+        "LN_SCALE_DAMPING": Setting(False),  # scale each block's normed inputs by 1/sqrt(layer index + 1)
+    }
+    # Names from the design's launch scripts: read as our setting (aliases) or refused with a pointer to it.
+    DESIGN_ALIASES: dict[str, str] = {
+        # feature: engram_hash
+        "BIGRAM_HASH_ENABLED": "ENGRAM_ENABLED",  # the classic BigramHash is ENGRAM_NUM_HEADS=1 ENGRAM_NUM_ORDERS=1
+        "BIGRAM_HASH_BUCKETS": "ENGRAM_BUCKETS",
+        "BIGRAM_HASH_DIM": "ENGRAM_DIM",
+        "ENGRAM_INJECT_LAYER": "ENGRAM_LAYER",
+        # feature: smear_gate
+        "SMEARGATE_ENABLED": "SMEAR_GATE",
+    }
+    DESIGN_REFUSED: dict[str, str] = {
+        # feature: xsa
+        "XSA_START_LAYER": "set XSA_LAST_N instead (the number of final layers with XSA: NUM_LAYERS - XSA_START_LAYER)",
+        # feature: vrl
+        "VRL_START_LAYER": "VRL_ENABLED=1 blends layer-0 values into every later attention layer; there is no start layer",
     }
 
     def __init__(self, environ: dict[str, str] | None = None):
-        env = os.environ if environ is None else environ
+        env = self._resolve_design_names(os.environ if environ is None else environ)
         self._reject_unknown(env)
         for name, setting in self.SETTINGS.items():
             raw = env.get(name)
@@ -298,6 +340,20 @@ class Hyperparameters:
                                   "both set the warm-down: set WARMDOWN_FRACTION=0 to use WARMDOWN_ITERS, or unset "
                                   "WARMDOWN_ITERS")
             object.__setattr__(self, "warmdown_fraction", 0.0)
+
+    @classmethod
+    def _resolve_design_names(cls, env) -> dict[str, str]:
+        resolved = dict(env)
+        for name, message in cls.DESIGN_REFUSED.items():
+            if name in env:
+                raise ConfigError(f"{name} is a setting of the design that skc-golf does not take: {message}")
+        for name, ours in cls.DESIGN_ALIASES.items():
+            if name in env:
+                if ours in env and env[ours].strip() != env[name].strip():
+                    raise ConfigError(f"{name}={env[name]!r} (the design's name for {ours}) contradicts {ours}={env[ours]!r}; "
+                                      "set only one of them")
+                resolved[ours] = resolved.pop(name)
+        return resolved
 
     @classmethod
     def _reject_unknown(cls, env) -> None:
@@ -342,6 +398,20 @@ class Hyperparameters:
                 "to the run being resumed")
         require(self.sliding_eval_stride <= self.eval_len,
                 f"SLIDING_EVAL_STRIDE={self.sliding_eval_stride} must be at most the eval sequence length {self.eval_len}")
+        if self.engram_enabled:
+            tables = self.engram_num_heads * self.engram_num_orders
+            require(self.engram_dim % tables == 0, f"ENGRAM_DIM={self.engram_dim} must divide by ENGRAM_NUM_HEADS*"
+                    f"ENGRAM_NUM_ORDERS={tables} (each table holds an equal slice of the memory width)")
+            require(self.engram_layer < max(1, self.num_layers // 2),
+                    f"ENGRAM_LAYER={self.engram_layer} must be an encoder block, below NUM_LAYERS//2={self.num_layers // 2}")
+            require(self.weight_quant != "ternary" or self.engram_dim % self.ternary_group_size == 0,
+                    f"ENGRAM_DIM={self.engram_dim} must divide by TERNARY_GROUP_SIZE={self.ternary_group_size} "
+                    "(the memory's projections are ternary)")
+        if self.moe_enabled:
+            require(self.moe_top_k <= self.moe_num_experts,
+                    f"MOE_TOP_K={self.moe_top_k} must be at most MOE_NUM_EXPERTS={self.moe_num_experts}")
+            require(self.moe_layer_frac > 0, "MOE_LAYER_FRAC must be above 0 with MOE_ENABLED=1 (the share of layers that route)")
+        require(self.xsa_last_n <= self.num_layers, f"XSA_LAST_N={self.xsa_last_n} must be at most NUM_LAYERS={self.num_layers}")
         if self.weight_quant == "ternary":
             for label, width in (("MODEL_DIM", self.model_dim), ("MLP_MULT*MODEL_DIM", self.mlp_hidden)):
                 require(width % self.ternary_group_size == 0,
@@ -802,7 +872,7 @@ def ternary_dequantize(trits: Tensor, scales: Tensor, group_size: int) -> Tensor
 # test-time training may move, and where the parameter count files it.
 class Role(NamedTuple):
     quantizable: bool  # export may store it in a low-bit format (else fp16)
-    ttt_scope: str  # "scalars": trained by every TTT scope; "all": only by TTT_SCOPE=all
+    ttt_scope: str  # "scalars": trained by every TTT scope; "all": only by TTT_SCOPE=all; "frozen": never
     count_kind: str  # its line in the parameter count ("matrix": ternary or fp_matrix by layer)
 
 
@@ -813,6 +883,9 @@ ROLES = {
     # Gates, routers, scales and mixing scalars of any shape: Adam without weight decay (decay would
     # silently drive a gate to zero), kept in fp16 by export.
     "scalar": Role(quantizable=False, ttt_scope="scalars", count_kind="scalar"),
+    # Hashed n-gram tables (EngramHash): Adam at ENGRAM_LR, quantized by export, never moved by test-time
+    # training (the tables stay exactly as the artifact packs them).
+    "hash_table": Role(quantizable=True, ttt_scope="frozen", count_kind="hash_table"),
 }
 
 
@@ -998,9 +1071,9 @@ def select_attention_backend(requested: str, device: torch.device) -> tuple[str,
 
 
 class CausalSelfAttention(nn.Module):
-    param_roles = {"q_gain": "scalar"}
+    param_roles = {"q_gain": "scalar", "vrl_gate": "scalar"}
 
-    def __init__(self, args: Hyperparameters):
+    def __init__(self, args: Hyperparameters, layer: int):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
         kv_dim = self.num_kv_heads * self.head_dim
@@ -1012,12 +1085,20 @@ class CausalSelfAttention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((self.num_heads,), args.qk_gain_init))
         self.rotary = Rotary(args.rope_dims or self.head_dim, args.rope_base)
         self.backend, self.flash_fn = "sdpa", None
+        self.xsa = layer >= args.num_layers - args.xsa_last_n
+        self.vrl_source = vrl_active(args) and layer == 0
+        # sigmoid(4) = 0.98 of the layer's own values at the start
+        self.vrl_gate = nn.Parameter(torch.tensor(4.0)) if vrl_active(args) and layer > 0 else None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, ctx: ForwardContext) -> Tensor:
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.vrl_source:
+            ctx.values0 = v
+        if self.vrl_gate is not None:
+            v = value_residual(v, ctx.values0, self.vrl_gate)
         if self.qk_norm:
             q, k = rms_norm(q), rms_norm(k)
         q = self.rotary(q) * self.q_gain.to(q.dtype)[None, None, :, None]
@@ -1028,6 +1109,8 @@ class CausalSelfAttention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
                                                enable_gqa=self.num_kv_heads != self.num_heads).transpose(1, 2)
+        if self.xsa:
+            y = exclude_self_value(y, v)
         return self.proj(y.reshape(B, T, -1))
 
 
@@ -1038,29 +1121,313 @@ class MLP(nn.Module):
         self.proj = make_linear(args, args.mlp_hidden, args.model_dim)
         self.negative_slope = 0.5 if args.mlp_act == "leaky_relu2" else 0.0
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, ctx: ForwardContext | None = None) -> Tensor:
+        """ctx is unused here; the TernaryMoE that takes an MLP's place records its router figures in it."""
         h = self.fc(x)
         h = F.leaky_relu(h, self.negative_slope) if self.negative_slope else F.relu(h)
         return self.proj(h.square())
+
+
+class ForwardContext:
+    """What one forward pass carries between layers: created per call and dropped after it, never stored on a
+    module (auxiliary losses on modules would leak across calls, ranks and compiled graphs)."""
+
+    def __init__(self):
+        self.values0: Tensor | None = None  # layer 0's attention values (VRL)
+        self.aux_losses: list[Tensor] = []  # weighted terms of the training objective, never of the reported loss
+        self.router_stats: list[Tensor] = []  # one ROUTER_STATS row per routing layer (MoE)
+
+
+class ModelAux(NamedTuple):
+    loss: Tensor  # the sum of the auxiliary objective terms (0 without any)
+    router_stats: Tensor | None  # [routing layers, ROUTER_STATS width], detached
+
+
+# --- feature: xsa (XSA_LAST_N) ---
+def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
+    """XSA: each head's output minus its projection on the token's own value (y, v: [B, T, heads|kv heads, D])."""
+    v = v.repeat_interleave(y.size(2) // v.size(2), dim=2)
+    along = (y * v).sum(-1, keepdim=True) / v.square().sum(-1, keepdim=True).clamp_min(1e-6)
+    return y - along * v
+# --- end feature: xsa ---
+
+
+# --- feature: vrl (VRL_ENABLED) ---
+def vrl_active(args: Hyperparameters) -> bool:
+    """Value residual needs attention in layer 0, whose values every later layer blends in."""
+    return args.vrl_enabled
+
+
+def value_residual(v: Tensor, values0: Tensor, gate_logit: Tensor) -> Tensor:
+    gate = torch.sigmoid(gate_logit).to(v.dtype)
+    return gate * v + (1.0 - gate) * values0
+# --- end feature: vrl ---
+
+
+# --- feature: ln_scale_damping (LN_SCALE_DAMPING) ---
+def ln_scale_factor(layer: int) -> float:
+    """Deeper blocks read their normed inputs scaled by 1/sqrt(layer + 1) (the frontier records' "LN scale")."""
+    return 1.0 / math.sqrt(layer + 1)
+# --- end feature: ln_scale_damping ---
+
+
+# --- feature: smear_gate (SMEAR_GATE) ---
+class SmearGate(nn.Module):
+    """Blend the previous token's embedding into each position through a learned per-channel gate. At a BOS the
+    previous token belongs to another document, so the position keeps its own embedding."""
+    param_roles = {"gate": "scalar"}
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(dim))  # sigmoid(0): an even blend at the start
+
+    def forward(self, x: Tensor, input_ids: Tensor) -> Tensor:
+        previous = torch.cat((x[:, :1], x[:, :-1]), dim=1)  # the window's first position has no previous token
+        previous = torch.where((input_ids == BOS_ID).unsqueeze(-1), x, previous)
+        gate = torch.sigmoid(self.gate).to(x.dtype)
+        return (1.0 - gate) * x + gate * previous
+# --- end feature: smear_gate ---
+
+
+# --- feature: engram_hash (ENGRAM_ENABLED) ---
+def distinct_primes(count: int, start: int = 100_003) -> list[int]:
+    """The first `count` primes from `start` on: one multiplier per hash table, so tables collide differently."""
+    primes, candidate = [], start
+    while len(primes) < count:
+        if all(candidate % d for d in range(2, int(candidate ** 0.5) + 1)):
+            primes.append(candidate)
+        candidate += 1
+    return primes
+
+
+def shift_right(ids: Tensor, by: int) -> Tensor:
+    """ids[:, t - by] at position t (zero where t < by; those keys are masked)."""
+    return F.pad(ids, (by, 0))[:, :ids.size(1)] if by else ids
+
+
+class EngramHash(nn.Module):
+    """Hashed n-gram memory added to the hidden state at the input of encoder block ENGRAM_LAYER.
+
+    For each order n (2 .. ENGRAM_NUM_ORDERS+1) and each of ENGRAM_NUM_HEADS hash functions, the n tokens ending at
+    position t are hashed (Horner's rule with a distinct prime, modulo ENGRAM_BUCKETS) into a table row; the rows
+    are concatenated and projected to the model width. A key that would read a token before the most recent BOS
+    (or before the window) is masked to zero, so nothing crosses a document boundary. A context gate
+    sigmoid(scale * cos(RMSNorm(h), RMSNorm(key))) with scale = min(softplus(raw) + 0.1, 4) weighs the memory
+    against the hidden state h; the bound keeps the gate from collapsing or saturating.
+    With one head and one order this is the classic BigramHash.
+    """
+    param_roles = {"table": "hash_table", "gate_scale": "scalar"}
+
+    def __init__(self, args: Hyperparameters):
+        super().__init__()
+        self.num_heads, self.num_orders, self.buckets = args.engram_num_heads, args.engram_num_orders, args.engram_buckets
+        num_tables = self.num_heads * self.num_orders
+        self.table = nn.Parameter(torch.randn(num_tables * self.buckets, args.engram_dim // num_tables) * 0.02)
+        primes = torch.tensor(distinct_primes(num_tables), dtype=torch.int64).view(self.num_orders, self.num_heads)
+        self.register_buffer("primes", primes, persistent=False)
+        self.register_buffer("row_offsets", torch.arange(num_tables, dtype=torch.int64) * self.buckets, persistent=False)
+        self.fast_path = self.num_orders == 2 and self.num_heads == 2
+        self.proj = make_linear(args, args.engram_dim, args.model_dim)  # zero-initialised by GPT: starts silent
+        self.key = make_linear(args, args.engram_dim, args.model_dim)
+        self.gate_scale = nn.Parameter(torch.tensor([math.log(math.expm1(0.9))]))  # scale 1.0 at the start
+
+    def order_validity(self, input_ids: Tensor) -> Tensor:
+        """[B, T, orders]: whether the n-gram ending at t lies inside t's document and the window."""
+        positions = torch.arange(input_ids.size(1), device=input_ids.device)
+        doc_start = torch.where(input_ids == BOS_ID, positions, 0).cummax(dim=1).values
+        spans = torch.arange(1, self.num_orders + 1, device=input_ids.device)  # an n-gram reaches back n-1 tokens
+        return (positions[None, :, None] - spans) >= doc_start.unsqueeze(-1)
+
+    def bucket_ids(self, input_ids: Tensor) -> Tensor:
+        """[B, T, orders*heads] bucket of each table (order-major), by a loop over orders, heads and tokens."""
+        ids = input_ids.long()
+        columns = []
+        for order in range(self.num_orders):
+            for head in range(self.num_heads):
+                prime = self.primes[order, head]
+                h = shift_right(ids, order + 1)
+                for back in range(order, -1, -1):
+                    h = (h * prime + shift_right(ids, back)) % self.buckets
+                columns.append(h)
+        return torch.stack(columns, dim=-1)
+
+    def bucket_ids_2x2(self, input_ids: Tensor) -> Tensor:
+        """bucket_ids for 2 orders x 2 heads in a few broadcast operations (the common configuration)."""
+        ids = input_ids.long().unsqueeze(-1)
+        prev1, prev2 = shift_right(input_ids.long(), 1).unsqueeze(-1), shift_right(input_ids.long(), 2).unsqueeze(-1)
+        p2, p3 = self.primes[0], self.primes[1]
+        bigram = (prev1 * p2 + ids) % self.buckets
+        trigram = (((prev2 * p3 + prev1) % self.buckets) * p3 + ids) % self.buckets
+        return torch.cat((bigram, trigram), dim=-1)
+
+    def memory(self, input_ids: Tensor) -> Tensor:
+        """[B, T, ENGRAM_DIM]: the concatenated table rows, zero for masked keys."""
+        buckets = self.bucket_ids_2x2(input_ids) if self.fast_path else self.bucket_ids(input_ids)
+        rows = F.embedding(buckets + self.row_offsets, self.table)  # [B, T, tables, width]
+        valid = self.order_validity(input_ids).repeat_interleave(self.num_heads, dim=-1)
+        return (rows * valid.unsqueeze(-1).to(rows.dtype)).flatten(2)
+
+    def forward(self, input_ids: Tensor, hidden: Tensor) -> Tensor:
+        memory = self.memory(input_ids).to(hidden.dtype)
+        key = self.key(memory)
+        scale = (F.softplus(self.gate_scale) + 0.1).clamp(max=4.0).to(hidden.dtype)
+        cosine = (rms_norm(hidden) * rms_norm(key)).mean(-1, keepdim=True)
+        return torch.sigmoid(scale * cosine) * self.proj(memory)
+# --- end feature: engram_hash ---
+
+
+# --- feature: moe (MOE_ENABLED) ---
+# Router health figures. Each routing layer returns one row per forward pass:
+# top-1 token counts per expert [E] | top-k assignment counts per expert [E] | sum of top-1 probabilities |
+# sum of routing entropies (nats) | tokens | balance loss | passes (1). Rows add up over micro-batches, steps and
+# ranks; router_health() turns a sum into the logged figures.
+def router_stats_width(num_experts: int) -> int:
+    return 2 * num_experts + 5
+
+
+def first_moe_layer(args: Hyperparameters) -> int:
+    """MoE replaces the MLP of the last ceil(MOE_LAYER_FRAC * NUM_LAYERS) layers."""
+    return args.num_layers - max(1, math.ceil(args.moe_layer_frac * args.num_layers - 1e-9))
+
+
+class TernaryMoE(nn.Module):
+    """Ternary MLP experts with top-k routing, in place of a block's MLP.
+
+    Before the MoE start (MOE_START_FRACTION of the training clock) the layer runs expert 0 alone as a plain MLP;
+    start_routing() then copies expert 0 into every expert (upcycling), so routing begins from the trained MLP.
+    The persistent `routing` buffer records the state, so an artifact is evaluated the way it was trained.
+    At top-1 the expert's output is weighted by its router probability, not renormalised to 1 (a constant weight
+    of 1 would give the router no gradient); at top-k > 1 the k probabilities are renormalised to sum to 1.
+    Every expert runs on every token and unselected outputs are weighted by exactly zero: static shapes (no host
+    sync, no recompilation), an unselected expert gets an exactly zero gradient, at the cost of E times the MLP
+    compute in these layers.
+    """
+
+    def __init__(self, args: Hyperparameters):
+        super().__init__()
+        self.num_experts, self.top_k, self.temperature = args.moe_num_experts, args.moe_top_k, args.moe_router_temperature
+        self.aux_coef, self.z_coef = args.moe_router_aux_loss_coef, args.moe_router_z_loss_coef
+        self.router = CastedLinear(args.model_dim, self.num_experts, role="scalar")
+        self.experts = nn.ModuleList(MLP(args) for _ in range(self.num_experts))
+        self.register_buffer("routing", torch.tensor(float(args.moe_start_fraction == 0.0)))
+        self.routing_on = args.moe_start_fraction == 0.0  # the buffer's value, read without a device sync
+
+    def _load_from_state_dict(self, state_dict, prefix, *rest):
+        super()._load_from_state_dict(state_dict, prefix, *rest)
+        self.routing_on = bool(self.routing)
+
+    @torch.no_grad()
+    def start_routing(self) -> None:
+        for expert in self.experts[1:]:
+            expert.load_state_dict(self.experts[0].state_dict())
+        self.routing.fill_(1.0)
+        self.routing_on = True
+
+    def forward(self, x: Tensor, ctx: ForwardContext) -> Tensor:
+        if not self.routing_on:
+            return self.experts[0](x)
+        logits = self.router(x).float() / self.temperature
+        probs = torch.softmax(logits, dim=-1)
+        top_p, top_i = probs.topk(self.top_k, dim=-1)
+        weights = top_p if self.top_k == 1 else top_p / top_p.sum(-1, keepdim=True)
+        dense = torch.zeros_like(probs).scatter(-1, top_i, weights).to(x.dtype)
+        out = sum(dense[..., e:e + 1] * expert(x) for e, expert in enumerate(self.experts))
+        flat_probs, flat_top = probs.reshape(-1, self.num_experts), top_i.reshape(-1, self.top_k)
+        assigned = expert_counts(flat_top, self.num_experts)
+        balance = self.num_experts * (assigned / assigned.sum() * flat_probs.mean(0)).sum()
+        z_loss = torch.logsumexp(logits, dim=-1).square().mean()
+        ctx.aux_losses.append(self.aux_coef * balance + self.z_coef * z_loss)
+        ctx.router_stats.append(router_stats(flat_probs.detach(), flat_top, balance.detach()))
+        return out
+
+
+def expert_counts(choices: Tensor, num_experts: int) -> Tensor:
+    """How many of `choices` (expert indices, any shape) name each expert, as floats (no device sync)."""
+    flat = choices.reshape(-1)
+    return torch.zeros(num_experts, device=flat.device).index_add_(0, flat, torch.ones(flat.numel(), device=flat.device))
+
+
+def router_stats(probs: Tensor, top_i: Tensor, balance: Tensor) -> Tensor:
+    """One ROUTER_STATS row from a pass's router probabilities [tokens, E] and top-k choices [tokens, k]."""
+    num_experts = probs.size(-1)
+    top1 = expert_counts(top_i[:, 0], num_experts)
+    assigned = expert_counts(top_i, num_experts)
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum()
+    figures = torch.stack((probs.gather(-1, top_i[:, :1]).sum(), entropy, torch.tensor(float(probs.size(0)),
+                           device=probs.device), balance.float(), torch.ones((), device=probs.device)))
+    return torch.cat((top1, assigned, figures))
+
+
+COLLAPSE_MAX_FRAC = 0.90  # one expert takes this share of the top-1 choices: collapsed
+
+
+def router_health(stats: Tensor) -> tuple[list[dict[str, float]], dict[str, float]]:
+    """Per routing layer and summed over layers, from summed ROUTER_STATS rows [layers, width]:
+    top1_p (mean top-1 probability), max_frac (largest share of top-1 choices one expert takes), entropy (mean
+    routing entropy, nats; ln E is uniform), aux (mean balance loss, 1.0 is perfectly balanced), active (experts
+    given at least one token). collapsed: max_frac_max >= 0.90 or active_min <= 1."""
+    stats = stats.double().cpu()
+    num_experts = (stats.size(1) - 5) // 2
+    layers = []
+    for row in stats:
+        top1, assigned = row[:num_experts], row[num_experts:2 * num_experts]
+        top1_p_sum, entropy_sum, tokens, balance_sum, passes = row[2 * num_experts:].tolist()
+        layers.append({"top1_p": top1_p_sum / tokens, "max_frac": float(top1.max()) / tokens,
+                       "entropy": entropy_sum / tokens, "aux": balance_sum / passes,
+                       "active": int((assigned > 0).sum())})
+    summary = {"top1_p_mean": sum(l["top1_p"] for l in layers) / len(layers),
+               "max_frac_mean": sum(l["max_frac"] for l in layers) / len(layers),
+               "max_frac_max": max(l["max_frac"] for l in layers),
+               "entropy_mean": sum(l["entropy"] for l in layers) / len(layers),
+               "ln_experts": math.log(num_experts),
+               "aux_mean": sum(l["aux"] for l in layers) / len(layers),
+               "active_min": min(l["active"] for l in layers)}
+    summary["collapsed"] = int(summary["max_frac_max"] >= COLLAPSE_MAX_FRAC or summary["active_min"] <= 1)
+    return layers, summary
+
+
+def router_health_lines(key: str, stats: Tensor, step: int) -> list[str]:
+    layers, summary = router_health(stats)
+    lines = [f"{key}_layer step:{step} layer:{i} top1_p:{l['top1_p']:.4f} max_frac:{l['max_frac']:.4f} "
+             f"entropy:{l['entropy']:.4f} aux:{l['aux']:.4f} active:{l['active']}" for i, l in enumerate(layers)]
+    lines.append(f"{key} step:{step} " + " ".join(f"{name}:{value:.4f}" if isinstance(value, float) else f"{name}:{value}"
+                                                   for name, value in summary.items()))
+    if summary["collapsed"]:
+        lines.append(f"WARNING: router collapse at step {step} (max_frac_max:{summary['max_frac_max']:.3f} "
+                     f"active_min:{summary['active_min']}): raise MOE_ROUTER_AUX_LOSS_COEF, lower the router's "
+                     "learning rate (SCALAR_LR) or raise MOE_ROUTER_TEMPERATURE")
+    return lines
+
+
+def moe_routing_started(model: nn.Module) -> bool:
+    return any(module.routing_on for module in model.modules() if isinstance(module, TernaryMoE))
+
+
+def start_moe_routing(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, TernaryMoE):
+            module.start_routing()
+# --- end feature: moe ---
 
 
 class Block(nn.Module):
     """Pre-norm block; resid_mix blends the running stream with the input embedding x0."""
     param_roles = {"attn_scale": "scalar", "mlp_scale": "scalar", "resid_mix": "scalar"}
 
-    def __init__(self, args: Hyperparameters):
+    def __init__(self, args: Hyperparameters, layer: int):
         super().__init__()
-        self.attn = CausalSelfAttention(args)
-        self.mlp = MLP(args)
+        self.attn = CausalSelfAttention(args, layer)
+        self.mlp = TernaryMoE(args) if args.moe_enabled and layer >= first_moe_layer(args) else MLP(args)
         self.attn_scale = nn.Parameter(torch.ones(args.model_dim))
         self.mlp_scale = nn.Parameter(torch.ones(args.model_dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(args.model_dim), torch.zeros(args.model_dim))))
+        self.norm_scale = ln_scale_factor(layer) if args.ln_scale_damping else 1.0
 
-    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, ctx: ForwardContext) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x))
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, ctx)
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale, ctx)
 
 
 def softcap(logits: Tensor, cap: float, kind: str) -> Tensor:
@@ -1088,7 +1455,9 @@ class GPT(nn.Module):
         self.num_encoder_layers = args.num_layers // 2
         self.num_decoder_layers = args.num_layers - self.num_encoder_layers
         self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder_layers, self.num_decoder_layers), args.model_dim))
-        self.blocks = nn.ModuleList(Block(args) for _ in range(args.num_layers))
+        self.blocks = nn.ModuleList(Block(args, layer) for layer in range(args.num_layers))
+        self.smear = SmearGate(args.model_dim) if args.smear_gate else None
+        self.engram = EngramHash(args) if args.engram_enabled else None
         # fitted after training on training tokens; part of the artifact
         self.register_buffer("logit_temperature", torch.tensor(1.0) if args.eval_temperature_fit else None)
         self._init_weights()
@@ -1111,9 +1480,9 @@ class GPT(nn.Module):
     def _init_weights(self) -> None:
         std = self.args.tied_embed_init_std if self.args.tie_embeddings else 1.0 / math.sqrt(self.tok_emb.embedding_dim)
         nn.init.normal_(self.tok_emb.weight, std=std)
-        for block in self.blocks:  # output projections start at zero, so every block starts as the identity
-            nn.init.zeros_(block.attn.proj.weight)
-            nn.init.zeros_(block.mlp.proj.weight)
+        for module in self.modules():  # output projections start at zero, so every block starts as the identity
+            if isinstance(module, (CausalSelfAttention, MLP, EngramHash)):
+                nn.init.zeros_(module.proj.weight)
         if self.lm_head is not None:
             nn.init.zeros_(self.lm_head.weight)
 
@@ -1125,16 +1494,22 @@ class GPT(nn.Module):
         w = self.tok_emb.weight
         return w if self.embed_format is None else fp_fake_quant(w, self.embed_format)
 
-    def hidden_states(self, input_ids: Tensor) -> Tensor:
+    def hidden_states(self, input_ids: Tensor, ctx: ForwardContext | None = None) -> Tensor:
+        ctx = ForwardContext() if ctx is None else ctx
         x = F.embedding(input_ids, self.embedding_weight())
         if self.embed_proj is not None:
             x = self.embed_proj(x)
-        x = x0 = rms_norm(x)
+        x = rms_norm(x)
+        if self.args.smear_gate:
+            x = self.smear(x, input_ids)
+        x0 = x
         skips = []
         for i, block in enumerate(self.blocks):
+            if self.args.engram_enabled and i == self.args.engram_layer:
+                x = x + self.engram(input_ids, x)
             if i >= self.num_encoder_layers and skips:
                 x = x + self.skip_weights[i - self.num_encoder_layers].to(x.dtype) * skips.pop()
-            x = block(x, x0)
+            x = block(x, x0, ctx)
             if i < self.num_encoder_layers:
                 skips.append(x)
         return rms_norm(x)
@@ -1149,9 +1524,16 @@ class GPT(nn.Module):
         capped = softcap(raw.float(), self.args.logit_softcap, self.args.softcap_type)
         return capped if self.logit_temperature is None else capped / self.logit_temperature
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        """Logits [B, T, vocab] in fp32, after the softcap."""
-        return self.logits(self.hidden_states(input_ids))
+    def forward(self, input_ids: Tensor, with_aux: bool = False) -> Tensor | tuple[Tensor, ModelAux]:
+        """Logits [B, T, vocab] in fp32, after the softcap; with_aux: also the auxiliary objective terms and
+        router figures of this pass (training only: evaluation scores the logits alone)."""
+        ctx = ForwardContext()
+        logits = self.logits(self.hidden_states(input_ids, ctx))
+        if not with_aux:
+            return logits
+        loss = torch.stack(ctx.aux_losses).sum() if ctx.aux_losses else torch.zeros((), device=logits.device)
+        stats = torch.stack(ctx.router_stats) if ctx.router_stats else None
+        return logits, ModelAux(loss, stats)
 
 
 def token_losses(logits: Tensor, target_ids: Tensor) -> Tensor:
@@ -1177,7 +1559,7 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int, row_norm: bool = False) -
     X = G.bfloat16() if G.is_cuda else G.float()
     if row_norm:  # MuonEq-R: equalize row norms before orthogonalizing
         X = X / X.norm(dim=1, keepdim=True).clamp_min(1e-7)
-    X = X / (X.norm() + 1e-7)
+    X = X / (X.norm() + 1e-7)  # a zero G stays exactly zero through the iteration (no branch, so no device sync)
     transposed = G.size(0) > G.size(1)
     if transposed:
         X = X.T
@@ -1191,10 +1573,11 @@ class Muon(torch.optim.Optimizer):
     """Momentum + Newton-Schulz orthogonalized updates for matrices.
 
     Under torch.distributed each rank orthogonalizes a round-robin share of the matrices and one all-reduce
-    assembles every update on every rank (in bf16 on CUDA, as the official script does). DDP gives every rank
-    the same gradients, so whether a matrix got one is the same everywhere and is decided without a collective
-    or a host read. Decoupled weight decay touches only matrices that received a gradient this step.
-    `orthogonalize` is zeropower_via_newtonschulz5 or its compiled form.
+    assembles every update on every rank (in bf16 on CUDA, as the official script does). A matrix "got a
+    gradient" when its gradient is nonzero (under DDP an unused parameter's gradient exists, zero-filled, e.g.
+    an expert no token chose): only such matrices move, decay and advance their momentum. DDP gives every rank
+    the same gradients, so the decision is the same everywhere and is made on the device, without a collective
+    or a host read. `orthogonalize` is zeropower_via_newtonschulz5 or its compiled form.
     """
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float = 0.0,
@@ -1219,24 +1602,25 @@ class Muon(torch.optim.Optimizer):
             device = params[0].device
             flat = torch.zeros(sum(p.numel() for p in params), device=device,
                                dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+            got_grad = [(p.grad.norm() > 0).to(flat.dtype) if p.grad is not None else None for p in params]
             offset = 0
             for i, p in enumerate(params):
                 if self.owner(i, world_size) == rank and p.grad is not None:
                     state = self.state[p]
                     buf = state.setdefault("momentum_buffer", torch.zeros_like(p.grad))
-                    buf.mul_(group["momentum"]).add_(p.grad)
+                    buf.mul_(1.0 + (group["momentum"] - 1.0) * got_grad[i]).add_(p.grad)  # held without a gradient
                     g = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
                     g = self.orthogonalize(g, group["backend_steps"], group["row_norm"])
                     g = g * max(1.0, g.size(0) / g.size(1)) ** 0.5
-                    flat[offset:offset + p.numel()] = g.reshape(-1)
+                    flat[offset:offset + p.numel()] = g.reshape(-1) * got_grad[i]
                 offset += p.numel()
             if distributed:
                 dist.all_reduce(flat)
             offset = 0
-            for p in params:
+            for i, p in enumerate(params):
                 if p.grad is not None:
                     if group["weight_decay"]:
-                        p.mul_(1.0 - group["lr"] * group["weight_decay"])
+                        p.mul_(1.0 - group["lr"] * group["weight_decay"] * got_grad[i].to(p.dtype))
                     p.add_(flat[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
                 offset += p.numel()
 
@@ -1252,7 +1636,7 @@ def build_optimizers(model: nn.Module, args: Hyperparameters, fused: bool,
     adam_groups = []
     embed_lr = args.tied_embed_lr if args.tie_embeddings else args.embed_lr
     for kind, lr, decay in (("embed", embed_lr, args.embed_weight_decay), ("head", args.head_lr, args.embed_weight_decay),
-                            ("scalar", args.scalar_lr, 0.0)):
+                            ("scalar", args.scalar_lr, 0.0), ("hash_table", args.engram_lr, 0.0)):
         if groups[kind]:
             adam_groups.append(dict(params=[params[n] for n in groups[kind]], lr=lr, base_lr=lr, weight_decay=decay,
                                     kind=kind))
@@ -1475,18 +1859,22 @@ class WeightEMA:
 
 
 def train_step(model: nn.Module, loader: DistributedTokenLoader, args: Hyperparameters, rt: Runtime,
-               accum: int, micro_tokens: int) -> Tensor:
-    """One optimizer step's forward/backward over `accum` micro-batches; returns the mean cross-entropy."""
-    total = torch.zeros((), device=rt.device)
+               accum: int, micro_tokens: int) -> tuple[Tensor, Tensor | None]:
+    """One optimizer step's forward/backward over `accum` micro-batches; returns the mean cross-entropy and the
+    summed router figures of the step (None without a routing layer)."""
+    total, router_stats = torch.zeros((), device=rt.device), None
     for micro in range(accum):
         x, y = loader.next_batch(micro_tokens, args.train_seq_len)
         sync = not rt.distributed or micro == accum - 1
         context = model.no_sync() if not sync else torch.enable_grad()
         with context, rt.autocast():
-            objective, ce = training_loss(model(x), y, args.z_loss_weight)
-            (objective / accum).backward()
+            logits, aux = model(x, with_aux=True)
+            objective, ce = training_loss(logits, y, args.z_loss_weight)
+            ((objective + aux.loss) / accum).backward()
         total += ce.detach()
-    return total / accum
+        if aux.router_stats is not None:
+            router_stats = aux.router_stats if router_stats is None else router_stats + aux.router_stats
+    return total / accum, router_stats
 
 
 def muon_momentum(step: int, args: Hyperparameters) -> float:
@@ -1506,18 +1894,19 @@ def apply_schedules(optimizers: list[torch.optim.Optimizer], args: Hyperparamete
 
 def optimizer_step(compiled: nn.Module, model: nn.Module, loader: DistributedTokenLoader,
                    optimizers: list[torch.optim.Optimizer], args: Hyperparameters, rt: Runtime, accum: int,
-                   micro_tokens: int, step: int, scale: float) -> Tensor:
+                   micro_tokens: int, step: int, scale: float) -> tuple[Tensor, Tensor | None]:
     """Training step `step` at LR multiplier `scale`: forward/backward, clipping, the optimizers, zeroed gradients.
-    Returns the mean cross-entropy as a device tensor; nothing here reads a device value back to the host."""
+    Returns the mean cross-entropy as a device tensor and the step's summed router figures (None without MoE
+    routing); nothing here reads a device value back to the host."""
     apply_schedules(optimizers, args, step, scale)
-    loss = train_step(compiled, loader, args, rt, accum, micro_tokens)
+    loss, router_stats = train_step(compiled, loader, args, rt, accum, micro_tokens)
     if args.grad_clip_norm > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_norm)
     for opt in optimizers:
         opt.step()
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
-    return loss
+    return loss, router_stats
 
 
 class StopVote:
@@ -1531,7 +1920,8 @@ class StopVote:
     """
 
     STOP_REASONS = ("time_up", "non_finite_loss", "sigterm")
-    FLAGS = STOP_REASONS + ("checkpoint_due",)  # the vote also carries CHECKPOINT_EVERY_SECONDS' clock
+    # the vote also carries CHECKPOINT_EVERY_SECONDS' clock and the MoE start (switches every rank makes together)
+    FLAGS = STOP_REASONS + ("checkpoint_due", "moe_start")
 
     def __init__(self, rt: Runtime):
         self.rt = rt
@@ -1539,10 +1929,12 @@ class StopVote:
         self.copied = torch.cuda.Event() if rt.device.type == "cuda" else None
         self.posted_step: int | None = None
 
-    def post(self, step: int, time_up: bool, loss: Tensor, sigterm: bool = False, checkpoint_due: bool = False) -> None:
+    def post(self, step: int, time_up: bool, loss: Tensor, sigterm: bool = False, checkpoint_due: bool = False,
+             moe_start: bool = False) -> None:
         non_finite = (~torch.isfinite(loss)).float()
         flags = torch.stack((non_finite.new_full((), float(time_up)), non_finite,  # fills, not host copies
-                             non_finite.new_full((), float(sigterm)), non_finite.new_full((), float(checkpoint_due))))
+                             non_finite.new_full((), float(sigterm)), non_finite.new_full((), float(checkpoint_due)),
+                             non_finite.new_full((), float(moe_start))))
         self.rt.all_reduce(flags, op=dist.ReduceOp.MAX)
         self.host.copy_(flags, non_blocking=True)
         if self.copied is not None:
@@ -1901,8 +2293,10 @@ def train(args: Hyperparameters, rt: Runtime, log: Logger, model: GPT, val_ctx: 
     compiled = torch.compile(model, dynamic=False) if use_compile(args, rt) else model
     if rt.distributed:
         from torch.nn.parallel import DistributedDataParallel
+        # Before the MoE start the router and experts 1.. take no part in the graph, which DDP must be told.
         compiled = DistributedDataParallel(compiled, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
-                                           broadcast_buffers=False)
+                                           broadcast_buffers=False,
+                                           find_unused_parameters=args.moe_enabled and args.moe_start_fraction > 0)
     optimizers, groups = build_optimizers(model, args, fused=rt.device.type == "cuda", compile_ns=use_compile(args, rt))
     sizes = {name: p.numel() for name, p in model.named_parameters()}
     for kind, names in groups.items():
@@ -1950,14 +2344,16 @@ def train(args: Hyperparameters, rt: Runtime, log: Logger, model: GPT, val_ctx: 
             step, train_ms, ema = resumed
     checkpoints = Checkpointer(args, rt, log) if args.checkpoint_every or args.checkpoint_every_seconds else None
     checkpoint_due = False  # the clock's checkpoint request, as every rank read it from the vote
+    router_window = router_last = None  # router figures summed since the last log line, and the latest sum
+    moe_routing = args.moe_enabled and moe_routing_started(model)  # (a resumed run may have started it)
     synchronize()
     t0 = last_log = time.perf_counter()
     status.phase = "training"
 
     def check_vote() -> None:
         """Act on the decision posted for the previous step: fail on a non-finite loss, stop when time is up,
-        checkpoint when CHECKPOINT_EVERY_SECONDS have passed."""
-        nonlocal stop_step, checkpoint_due
+        checkpoint when CHECKPOINT_EVERY_SECONDS have passed, start the MoE routing."""
+        nonlocal stop_step, checkpoint_due, moe_routing
         decided = vote.take()
         if decided is None:
             return
@@ -1972,6 +2368,10 @@ def train(args: Hyperparameters, rt: Runtime, log: Logger, model: GPT, val_ctx: 
         if reasons["time_up"]:
             stop_step = min(stop_step, step)  # every rank reads the same vote, so every rank stops at this step
         checkpoint_due = checkpoint_due or reasons["checkpoint_due"]
+        if args.moe_enabled and reasons["moe_start"] and not moe_routing and step < stop_step:  # (not after the end)
+            start_moe_routing(model)
+            moe_routing = True
+            log(f"moe: routing starts at step {step} (voted at step {decided_step}), experts upcycled from expert 0")
 
     while True:
         if step == stop_step or (args.val_loss_every and step % args.val_loss_every == 0 and step > 0):
@@ -1988,7 +2388,10 @@ def train(args: Hyperparameters, rt: Runtime, log: Logger, model: GPT, val_ctx: 
         elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
         step_ms = elapsed_ms / step if step else warmup_step_ms
         scale = lr_scale(step, elapsed_ms, args, step_ms)
-        loss = optimizer_step(compiled, model, loader, optimizers, args, rt, accum, micro_tokens, step, scale)
+        loss, router_stats = optimizer_step(compiled, model, loader, optimizers, args, rt, accum, micro_tokens, step,
+                                            scale)
+        if router_stats is not None:
+            router_window = router_stats if router_window is None else router_window + router_stats
         step += 1
         if args.ema_decay > 0:
             if ema is None and training_progress(step, elapsed_ms, args) >= args.ema_start_frac:
@@ -2005,20 +2408,36 @@ def train(args: Hyperparameters, rt: Runtime, log: Logger, model: GPT, val_ctx: 
                 checkpoint_due = False
         now = time.perf_counter()
         elapsed_ms = train_ms + 1000.0 * (now - t0)
-        # The vote takes effect one step later: stop when the next step would end past the cap.
+        # The vote takes effect one step later: stop when the next step would end past the cap; start the MoE
+        # routing once the training progress (the largest of the ranks' clocks) reaches MOE_START_FRACTION.
         vote.post(step, max_ms > 0 and elapsed_ms + elapsed_ms / step >= max_ms, loss, status.sigterm,
-                  args.checkpoint_every_seconds > 0 and checkpoints.clock_due())
-        if step % args.train_log_every == 0 or step == 1 or (rt.is_main and now - last_log >= PROGRESS_SECONDS):
+                  args.checkpoint_every_seconds > 0 and checkpoints.clock_due(),
+                  moe_start=args.moe_enabled and training_progress(step, elapsed_ms, args) >= args.moe_start_fraction)
+        on_cadence = step % args.train_log_every == 0 or step == 1
+        if on_cadence or (rt.is_main and now - last_log >= PROGRESS_SECONDS):
             last_log, last_logged_loss = now, float(loss)
             log(f"{step_label(step, elapsed_ms, args)} train_loss:{last_logged_loss:.4f} lr_scale:{scale:.3f} "
                 f"tok_s:{step * tokens_per_step / (elapsed_ms / 1000.0):.0f} train_time:{elapsed_ms:.0f}ms "
                 f"step_avg:{elapsed_ms / step:.2f}ms remaining:{max(max_ms - elapsed_ms, 0.0) / 1000.0:.0f}s")
+        if on_cadence and router_window is not None:  # every rank at the same steps: the all-reduce is collective
+            router_last, router_window = rt.all_reduce(router_window), None
+            for line in router_health_lines("router_health", router_last, step):
+                log(line)
     set_collective_timeout(rt, args.dist_timeout_seconds)
     status.phase = "post-training"
     if status.sigterm:  # arrived after the last vote was posted (during the final validation)
         raise RunStopped(f"SIGTERM: stopped after the last step {step}", signal.SIGTERM)
     train_tok_s = step * tokens_per_step / max(train_ms / 1000.0, 1e-9)
     log(f"train_done steps:{step} train_time:{train_ms:.0f}ms tok_s:{train_tok_s:.0f}")
+    if args.moe_enabled:
+        if router_window is not None:
+            router_last = rt.all_reduce(router_window)
+        if router_last is None:
+            log(f"WARNING: moe: routing never started (MOE_START_FRACTION={args.moe_start_fraction}); the model "
+                "ran and is exported with expert 0 alone in each MoE layer")
+        else:  # the figures of the last logging interval (a partial one when training stopped between log lines)
+            for line in router_health_lines("router_health_final", router_last, step):
+                log(line)
     log(f"peak_mem_mib:{peak_memory_mib(rt):.0f}")
     if args.checkpoint_every or args.checkpoint_every_seconds:
         checkpoints.report()
@@ -2126,7 +2545,13 @@ ARTIFACT_CODECS = ("brotli", "lzma", "zlib")
 # Settings that shape the model; the artifact carries them so a loader rebuilds the same network.
 MODEL_SETTINGS = ("NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "MLP_ACT", "EMBED_DIM",
                   "TIE_EMBEDDINGS", "ROPE_BASE", "ROPE_DIMS", "QK_NORM", "LOGIT_SOFTCAP", "SOFTCAP_TYPE", "WEIGHT_QUANT",
-                  "TERNARY_GROUP_SIZE", "TERNARY_SCALE_FORMAT", "FP_STORAGE_SIM", "TURBO_QUANT_TRAIN", "EVAL_TEMPERATURE_FIT")
+                  "TERNARY_GROUP_SIZE", "TERNARY_SCALE_FORMAT", "FP_STORAGE_SIM", "TURBO_QUANT_TRAIN", "EVAL_TEMPERATURE_FIT",
+                  # feature: engram_hash
+                  "ENGRAM_ENABLED", "ENGRAM_NUM_HEADS", "ENGRAM_NUM_ORDERS", "ENGRAM_BUCKETS", "ENGRAM_DIM", "ENGRAM_LAYER",
+                  # feature: moe
+                  "MOE_ENABLED", "MOE_NUM_EXPERTS", "MOE_TOP_K", "MOE_LAYER_FRAC", "MOE_ROUTER_TEMPERATURE",
+                  # feature: xsa, vrl, smear_gate, ln_scale_damping
+                  "XSA_LAST_N", "VRL_ENABLED", "SMEAR_GATE", "LN_SCALE_DAMPING")
 CLIP_RATIOS = (1.0, 0.995, 0.99, 0.98, 0.96, 0.93, 0.9, 0.85, 0.8)
 
 
@@ -2706,7 +3131,9 @@ def score_first_chunks(num_targets: int, chunk_tokens: int) -> list[tuple[int, i
 
 # --- feature: ttt (TTT_ENABLED) ---
 def ttt_parameters(model: GPT, scope: str) -> dict[str, nn.Parameter]:
-    """The parameters test-time training updates, by name: those whose role's TTT scope includes `scope`."""
+    """The parameters test-time training updates, by name: those whose role's TTT scope includes `scope`
+    (a role with TTT scope "frozen", the EngramHash tables, is never among them; evaluate_streaming checks that
+    nothing outside the scope moved)."""
     params = dict(model.named_parameters())
     in_scope = ("scalars",) if scope == "scalars" else ("scalars", "all")
     return {name: params[name] for name, role in parameter_roles(model).items() if ROLES[role].ttt_scope in in_scope}
@@ -2764,6 +3191,8 @@ def evaluate_streaming(model: GPT, ctx: StreamContext, args: Hyperparameters, rt
         for name, p in model.named_parameters():
             p.requires_grad_(name in chosen)
         optimizer = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
+        frozen = {n: p.detach().clone() for n, p in model.named_parameters() if n not in chosen}
+        roles = parameter_roles(model)
     memory = EvalEngram(args, model.tok_emb.num_embeddings, rt.device) if args.eval_engram else None
     model.eval()
     losses = []
@@ -2776,6 +3205,10 @@ def evaluate_streaming(model: GPT, ctx: StreamContext, args: Hyperparameters, rt
             memory.absorb(ctx.val, ctx.last_bos, torch.arange(lo, hi, device=rt.device))
         if args.ttt_enabled and (lo, hi) != mine[-1]:  # this rank's later chunks are the only ones an update can help
             ttt_train_on_chunk(model, ctx, lo, hi, optimizer, params, args, rt, events)
+    if args.ttt_enabled:  # nothing outside the TTT scope moved (the EngramHash tables' scope is "frozen")
+        for name, p in model.named_parameters():
+            if name in frozen and not torch.equal(p, frozen[name]):
+                raise RuntimeError(f"TTT moved {name} (role {roles[name]}), which is outside TTT_SCOPE={args.ttt_scope}")
     lo, hi = (mine[0][0], mine[-1][1]) if mine else (1, 1)
     return scored(ctx, lo, hi, torch.cat(losses) if losses else torch.zeros(0, device=rt.device))
 
@@ -2843,7 +3276,7 @@ def count_parameters(model: GPT) -> dict[str, int]:
         kind = ROLES[role].count_kind
         if kind == "matrix":
             kind = "ternary" if id(params[name]) in ternary else "fp_matrix"
-        counts[kind] += params[name].numel()
+        counts[kind] = counts.get(kind, 0) + params[name].numel()
     counts["total"] = sum(counts.values())
     return counts
 
@@ -3121,6 +3554,8 @@ def run(args: Hyperparameters, rt: Runtime, log: Logger, status: RunStatus) -> N
         model = GPT(args, vocab_size).to(rt.device)
         model.set_attention_backend(backend, flash_fn)
         log("params " + " ".join(f"{k}:{v}" for k, v in count_parameters(model).items()))
+        if args.vrl_enabled and not vrl_active(args):
+            log("vrl: off, layer 0 is not attention (VRL_ENABLED blends layer-0 attention values into later layers)")
         summary = train(args, rt, log, model, train_ctx, status)
         t0 = time.perf_counter()
         status.phase = "calibration"

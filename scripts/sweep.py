@@ -36,7 +36,8 @@ from skcgolf import runlog, trainrun
 
 CONFIG_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 CSV_FIELDS = ["config", "seed", "val_bpb", "val_loss", "prequant_val_bpb", "steps", "tok_s", "ms_per_step",
-              "total_bytes", "model_bytes", "code_bytes", "export", "partial_validation", "log"]
+              "total_bytes", "model_bytes", "code_bytes", "export", "partial_validation",
+              *(f"router_{name}" for name in runlog.ROUTER_FIGURES), "log"]
 POLL_SECONDS = 2.0
 
 

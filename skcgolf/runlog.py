@@ -8,6 +8,8 @@ bench/gpu_report.py, build_submission.py). The log format is the one in the trai
   train_done steps:S train_time:Tms tok_s:T
   artifact code_bytes:C model_bytes:M total_bytes:T cap_bytes:... headroom_bytes:... margin_bytes:...
   final_<export>_roundtrip val_loss:L val_bpb:B eval_time:Tms   (+ the same with _exact, 8 decimals)
+  router_health_final step:S top1_p_mean:P max_frac_mean:F max_frac_max:F entropy_mean:H ln_experts:L aux_mean:A
+      active_min:N collapsed:0|1                                    (MoE runs only)
 A run is finished when its log has the round-trip line.
 """
 from __future__ import annotations
@@ -21,7 +23,8 @@ CONFIG_LINE = re.compile(r"^(?:config\s+)?([A-Za-z][A-Za-z0-9_]*)(?:=|:\s+)(.*)$
 ROUNDTRIP_KEY = re.compile(r"^final_(\w+)_roundtrip$")
 ATTN_BACKEND = re.compile(r"\battn_backend[:=]\s*(\w+)")
 PEAK_MEM = re.compile(r"\bpeak_mem_mib[:=]\s*(\d+(?:\.\d+)?)")
-FINAL_KEYS = ("train_done", "artifact")
+FINAL_KEYS = ("train_done", "artifact", "router_health_final")
+ROUTER_FIGURES = ("top1_p_mean", "max_frac_mean", "max_frac_max", "entropy_mean", "aux_mean", "active_min", "collapsed")
 
 
 def parse_pairs(line: str) -> dict[str, float]:
@@ -91,6 +94,7 @@ class RunLog:
             "partial_validation": self.partial_validation,
             "attn_backend": self.attn_backend,
             "peak_mem_mib": self.peak_mem_mib,
+            **{f"router_{name}": self.finals.get("router_health_final", {}).get(name) for name in ROUTER_FIGURES},
         }
 
 

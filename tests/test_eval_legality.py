@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import train_gpt
 from tiny_lm import REPO_ROOT_FOR_TESTS, subprocess_env
@@ -35,6 +36,17 @@ MODEL_FLAGS = {
     "temperature": {"EVAL_TEMPERATURE_FIT": 1},
     "partial_rope_leaky": {"ROPE_DIMS": 4, "MLP_ACT": "leaky_relu2", "SOFTCAP_TYPE": "poly"},
     "full_precision": {"WEIGHT_QUANT": "none"},
+    "engram_2x2": {"ENGRAM_ENABLED": 1, "ENGRAM_DIM": 16, "ENGRAM_BUCKETS": 64, "ENGRAM_LAYER": 0},
+    "engram_3x2": {"ENGRAM_ENABLED": 1, "ENGRAM_NUM_ORDERS": 3, "ENGRAM_DIM": 48, "ENGRAM_BUCKETS": 64,
+                   "ENGRAM_LAYER": 0},
+    "bigram_hash": {"BIGRAM_HASH_ENABLED": 1, "ENGRAM_NUM_HEADS": 1, "ENGRAM_NUM_ORDERS": 1, "BIGRAM_HASH_DIM": 16,
+                    "BIGRAM_HASH_BUCKETS": 64, "ENGRAM_LAYER": 0},
+    "moe_top1": {"MOE_ENABLED": 1, "MOE_NUM_EXPERTS": 3},
+    "moe_top2": {"MOE_ENABLED": 1, "MOE_NUM_EXPERTS": 3, "MOE_TOP_K": 2, "MOE_LAYER_FRAC": 1.0},
+    "xsa": {"XSA_LAST_N": 2},
+    "vrl": {"VRL_ENABLED": 1},
+    "smear_gate": {"SMEAR_GATE": 1},
+    "ln_scale_damping": {"LN_SCALE_DAMPING": 1},
 }
 
 
@@ -158,7 +170,28 @@ def eval_engram_keys(order):
     return keys
 
 
-BOS_RESET_STATE = {f"eval_engram_order{n}": eval_engram_keys(n) for n in (2, 3, 4)}
+def engram_memory(orders, heads):
+    """EngramHash rows at each input position (position i predicts target i+1)."""
+    def memory(tokens):
+        args = make_args(ENGRAM_ENABLED=1, ENGRAM_NUM_ORDERS=orders, ENGRAM_NUM_HEADS=heads, ENGRAM_DIM=16 * orders * heads,
+                         ENGRAM_BUCKETS=64, ENGRAM_LAYER=0)
+        engram = make_model(args).engram
+        with torch.no_grad():
+            return engram.memory(torch.from_numpy(tokens[:-1].astype(np.int64))[None])[0]
+    return memory
+
+
+def smeared_embeddings(tokens):
+    args = make_args(SMEAR_GATE=1)
+    model = make_model(args)
+    ids = torch.from_numpy(tokens[:-1].astype(np.int64))[None]
+    with torch.no_grad():
+        return model.smear(F.embedding(ids, model.tok_emb.weight), ids)[0]
+
+
+BOS_RESET_STATE = {**{f"eval_engram_order{n}": eval_engram_keys(n) for n in (2, 3, 4)},
+                   **{f"engram_hash_{o}x{h}": engram_memory(o, h) for o, h in ((1, 1), (2, 2), (3, 2), (4, 1))},
+                   "smear_gate": smeared_embeddings}
 
 
 @pytest.mark.parametrize("component", BOS_RESET_STATE)
