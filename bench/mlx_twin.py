@@ -20,9 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import runlog  # noqa: E402
-import trainrun  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from skcgolf import runlog, trainrun  # noqa: E402
 
 REPO_ROOT = trainrun.REPO_ROOT
 OUT_DIR = REPO_ROOT / "bench" / "out"
