@@ -1169,8 +1169,11 @@ def legality_suite(code_path: Path, raw_config: dict[str, str], workdir: Path) -
     rt = module.Runtime(0, 1, 0, torch.device("cpu"), False)
     vocab = data.sp.vocab_size()
     model = module.load_artifact(artifact.read_bytes(), str(artifact), args)
-    tokens = module.load_validation_tokens(str(Path(data.data_path) / "fineweb_val_*.bin"), args.train_seq_len, vocab,
-                                           args.val_max_tokens)
+    try:  # the data folder; trainers before the reliability work took a glob pattern
+        tokens = module.load_validation_tokens(str(data.data_path), args.train_seq_len, vocab, args.val_max_tokens)
+    except module.ShardError:
+        tokens = module.load_validation_tokens(str(Path(data.data_path) / "fineweb_val_*.bin"), args.train_seq_len, vocab,
+                                               args.val_max_tokens)
     ctx = module.stream_context(tokens, module.build_byte_tables(data.sp, vocab, rt.device), args.eval_len,
                                 args.val_batch_size, rt)
     for key, options in [("final_roundtrip", dict(kind="windows", stride=args.eval_len)), *module.eval_modes(args)]:
