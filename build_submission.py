@@ -708,8 +708,8 @@ def finish_run(process: subprocess.Popen, env: dict[str, str], label: str) -> st
 
 COMPARED_PREFIXES = ("step:", "params ", "param_group:", "grad_accum_steps:", "warmup_steps:", "train_done ", "ema:",
                      "calibration ", "temperature_fit ", "trit_packing ", "artifact ", "artifact_components_", "final_")
-VOLATILE_FIELD = re.compile(r"\s*\b(?:train_time|step_avg|tok_s|remaining|eval_time|time|export_time|code_bytes|"
-                            r"total_bytes|headroom_bytes)[:=]\S+")
+VOLATILE_FIELD = re.compile(r"\s*\b(?:train_time|step_avg|step_ms|tok_s|remaining|eval_time|time|export_time|elapsed|eta|"
+                            r"code_bytes|total_bytes|headroom_bytes)[:=]\S+")
 
 
 def comparable_lines(log_text: str) -> list[str]:
@@ -1168,10 +1168,13 @@ def legality_suite(code_path: Path, raw_config: dict[str, str], workdir: Path) -
                             f"target {reach + far[0] + 1} changed although token {position} is more than a window before it"))
     rt = module.Runtime(0, 1, 0, torch.device("cpu"), False)
     vocab = data.sp.vocab_size()
-    model = module.load_artifact(artifact.read_bytes(), str(artifact), args)
+    if hasattr(module, "read_artifact"):  # the current trainer; earlier ones loaded through load_artifact
+        model = module.model_from_records(*module.read_artifact(artifact), args)
+    else:
+        model = module.load_artifact(artifact.read_bytes(), str(artifact), args)
     try:  # the data folder; trainers before the reliability work took a glob pattern
         tokens = module.load_validation_tokens(str(data.data_path), args.train_seq_len, vocab, args.val_max_tokens)
-    except module.ShardError:
+    except (module.ShardError, OSError):
         tokens = module.load_validation_tokens(str(Path(data.data_path) / "fineweb_val_*.bin"), args.train_seq_len, vocab,
                                                args.val_max_tokens)
     ctx = module.stream_context(tokens, module.build_byte_tables(data.sp, vocab, rt.device), args.eval_len,
