@@ -1,6 +1,6 @@
 """Parameter count and artifact bytes of each model extra (issue 10) on the CPU proxy shape, freshly initialised.
 
-    python bench/extras_sizes.py
+    python -m bench.extras_sizes
 
 Prints one line per feature against the reference (cpu_proxy.env's shape, vocabulary 1024, each feature at its
 defaults). Fresh output projections are zero and compress better than trained ones: the byte deltas of

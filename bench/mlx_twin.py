@@ -1,9 +1,9 @@
 """The two twins on the CPU proxy configuration: train_gpt.py and train_gpt_mlx.py, same data, same clock.
 
-    python bench/proxy.py --data-only          # build (or reuse) the proxy data first
-    python bench/mlx_twin.py                    # both twins, 10 minutes of training each, then the cross-loads
-    python bench/mlx_twin.py --minutes 1        # smoke check
-    python bench/mlx_twin.py --mlx-compile 0    # the MLX twin without mx.compile
+    python -m bench.proxy --data-only          # build (or reuse) the proxy data first
+    python -m bench.mlx_twin                    # both twins, 10 minutes of training each, then the cross-loads
+    python -m bench.mlx_twin --minutes 1        # smoke check
+    python -m bench.mlx_twin --mlx-compile 0    # the MLX twin without mx.compile
 
 Each twin trains configs/cpu_proxy.env (MODEL_COMPILE as the file sets it for torch; the MLX twin's
 compilation is --mlx-compile), then each evaluates the other's artifact (EVAL_ARTIFACT). Prints tokens/s,
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     parser.add_argument("--mlx-compile", choices=("auto", "0", "1"), default="auto", help="MODEL_COMPILE for the MLX twin")
     args = parser.parse_args(argv)
     if not (DATA_DIR / "manifest.json").is_file():
-        raise SystemExit(f"no proxy data in {DATA_DIR}: run python bench/proxy.py --data-only first")
+        raise SystemExit(f"no proxy data in {DATA_DIR}: run python -m bench.proxy --data-only first")
     stamp = time.strftime("%Y%m%d_%H%M%S")
     seconds = str(args.minutes * 60)
     trained = {"torch": run("torch", f"twins_{stamp}_torch", {"MAX_WALLCLOCK_SECONDS": seconds}),

@@ -1,7 +1,7 @@
 """A small CPU run killed with SIGKILL mid-way and resumed, beside the same run straight through.
 
-    python bench/resume_demo.py                 # about two minutes on 2 free cores
-    python bench/resume_demo.py --kill-after 37 # SIGKILL once the log shows this step
+    python -m bench.resume_demo                 # about two minutes on 2 free cores
+    python -m bench.resume_demo --kill-after 37 # SIGKILL once the log shows this step
 
 Three runs of train_gpt.py with the same settings (a 2 x 128 ternary model, fp32, CPU, fixed seed, no wall-clock
 cap, a checkpoint every 10 steps):
@@ -92,7 +92,7 @@ def report(kill_after: int, killed_at: int, data_command: list[str]) -> str:
     lines = [
         "# SIGKILL mid-run, resume, and the uninterrupted run beside it",
         "",
-        "Made by `python bench/resume_demo.py` (CPU, fp32, 1 process, OMP_NUM_THREADS=1). Data:",
+        "Made by `python -m bench.resume_demo` (CPU, fp32, 1 process, OMP_NUM_THREADS=1). Data:",
         f"`python {' '.join(data_command[1:])}` (the offline stdlib corpus).",
         "Settings of all three runs:",
         "",
