@@ -613,6 +613,7 @@ class DistributedTokenLoader:
         self.rank, self.world_size, self.device = rank, world_size, device
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.prefetched: tuple[int, Tensor] | None = None  # (local tokens, its span on the device)
+        self.prefetch_start: tuple[int, int] | None = None  # the stream position the prefetched span came from
 
     def _local_span(self, local_tokens: int) -> Tensor:
         # One global span of world*local+1 tokens, cut the same way for any world size: rank r's
@@ -638,8 +639,18 @@ class DistributedTokenLoader:
             compute = torch.cuda.current_stream(self.device)
             compute.wait_stream(self.copy_stream)
             local.record_stream(compute)  # the copy stream's allocation is used, then freed, on the compute stream
+            self.prefetch_start = self.stream.position()
             self.prefetched = (local_tokens, self._local_span(local_tokens))
         return local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
+
+    def position(self) -> tuple[int, int]:
+        """Where the next batch that next_batch returns starts (behind the stream by a prefetched batch)."""
+        return self.prefetch_start if self.prefetched is not None else self.stream.position()
+
+    def seek(self, file_index: int, pos: int) -> None:
+        """Continue from a position(); a prefetched batch is dropped and read again from there."""
+        self.prefetched = self.prefetch_start = None
+        self.stream.seek(file_index, pos)
 
 
 # -----------------------------------------------------------------------------
@@ -2211,7 +2222,7 @@ def resume_training(args: Hyperparameters, rt: Runtime, log: Logger, model: nn.M
     load_optimizer_states(model, optimizers, state["optimizer"], rt, log)
     # Every rank reads the same global span, so rank 0's position serves a different world size as well.
     mine = state["ranks"][rt.rank] if state["world_size"] == rt.world_size else state["ranks"][0]
-    loader.stream.seek(*mine["loader"])
+    loader.seek(*mine["loader"])
     restore_rng_states(mine["rng"], rt.device)
     ema = None
     if state["ema"] is not None:
@@ -2242,7 +2253,7 @@ class Checkpointer:
         if not all(bool(torch.isfinite(t).all()) for t in weights.values() if t.is_floating_point()):
             self.log(f"checkpoint step:{step} skipped: the weights are not finite")  # the same on every rank
             return
-        local = {"optimizer": optimizer_states(model, optimizers, self.rt), "loader": list(loader.stream.position()),
+        local = {"optimizer": optimizer_states(model, optimizers, self.rt), "loader": list(loader.position()),
                  "rng": rng_states(self.rt.device)}
         parts = [local]
         if self.rt.distributed:
