@@ -1096,20 +1096,24 @@ class CausalSelfAttention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((self.num_heads,), args.qk_gain_init))
         self.rotary = Rotary(args.rope_dims or self.head_dim, args.rope_base)
         self.backend, self.flash_fn = "sdpa", None
+        self.args = args  # the forward's feature guards read settings (so `extract --dce` can fold them)
         self.xsa = layer >= args.num_layers - args.xsa_last_n
-        self.vrl_source = vrl_active(args) and layer == 0
-        # sigmoid(4) = 0.98 of the layer's own values at the start
-        self.vrl_gate = nn.Parameter(torch.tensor(4.0)) if vrl_active(args) and layer > 0 else None
+        self.vrl_source, self.vrl_gate = False, None
+        if args.vrl_enabled and vrl_active(args):
+            self.vrl_source = layer == 0
+            # sigmoid(4) = 0.98 of the layer's own values at the start
+            self.vrl_gate = nn.Parameter(torch.tensor(4.0)) if layer > 0 else None
 
     def forward(self, x: Tensor, ctx: ForwardContext) -> Tensor:
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
-        if self.vrl_source:
-            ctx.values0 = v
-        if self.vrl_gate is not None:
-            v = value_residual(v, ctx.values0, self.vrl_gate)
+        if self.args.vrl_enabled:
+            if self.vrl_source:
+                ctx.values0 = v
+            if self.vrl_gate is not None:
+                v = value_residual(v, ctx.values0, self.vrl_gate)
         if self.qk_norm:
             q, k = rms_norm(q), rms_norm(k)
         q = self.rotary(q) * self.q_gain.to(q.dtype)[None, None, :, None]
@@ -1120,7 +1124,7 @@ class CausalSelfAttention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
                                                enable_gqa=self.num_kv_heads != self.num_heads).transpose(1, 2)
-        if self.xsa:
+        if self.args.xsa_last_n and self.xsa:
             y = exclude_self_value(y, v)
         return self.proj(y.reshape(B, T, -1))
 
@@ -1492,8 +1496,10 @@ class GPT(nn.Module):
         std = self.args.tied_embed_init_std if self.args.tie_embeddings else 1.0 / math.sqrt(self.tok_emb.embedding_dim)
         nn.init.normal_(self.tok_emb.weight, std=std)
         for module in self.modules():  # output projections start at zero, so every block starts as the identity
-            if isinstance(module, (CausalSelfAttention, MLP, EngramHash)):
+            if isinstance(module, (CausalSelfAttention, MLP)):
                 nn.init.zeros_(module.proj.weight)
+        if self.args.engram_enabled:  # the memory starts silent too
+            nn.init.zeros_(self.engram.proj.weight)
         if self.lm_head is not None:
             nn.init.zeros_(self.lm_head.weight)
 
@@ -2356,7 +2362,7 @@ def train(args: Hyperparameters, rt: Runtime, log: Logger, model: GPT, val_ctx: 
     checkpoints = Checkpointer(args, rt, log) if args.checkpoint_every or args.checkpoint_every_seconds else None
     checkpoint_due = False  # the clock's checkpoint request, as every rank read it from the vote
     router_window = router_last = None  # router figures summed since the last log line, and the latest sum
-    moe_routing = args.moe_enabled and moe_routing_started(model)  # (a resumed run may have started it)
+    moe_routing = moe_routing_started(model) if args.moe_enabled else False  # (a resumed run may have started it)
     synchronize()
     t0 = last_log = time.perf_counter()
     status.phase = "training"
@@ -2430,7 +2436,7 @@ def train(args: Hyperparameters, rt: Runtime, log: Logger, model: GPT, val_ctx: 
             log(f"{step_label(step, elapsed_ms, args)} train_loss:{last_logged_loss:.4f} lr_scale:{scale:.3f} "
                 f"tok_s:{step * tokens_per_step / (elapsed_ms / 1000.0):.0f} train_time:{elapsed_ms:.0f}ms "
                 f"step_avg:{elapsed_ms / step:.2f}ms remaining:{max(max_ms - elapsed_ms, 0.0) / 1000.0:.0f}s")
-        if on_cadence and router_window is not None:  # every rank at the same steps: the all-reduce is collective
+        if args.moe_enabled and on_cadence and router_window is not None:  # every rank at the same steps: the all-reduce is collective
             router_last, router_window = rt.all_reduce(router_window), None
             for line in router_health_lines("router_health", router_last, step):
                 log(line)
