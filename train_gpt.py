@@ -1352,7 +1352,7 @@ class TernaryMoE(nn.Module):
         balance = self.num_experts * (assigned / assigned.sum() * flat_probs.mean(0)).sum()
         z_loss = torch.logsumexp(logits, dim=-1).square().mean()
         ctx.aux_losses.append(self.aux_coef * balance + self.z_coef * z_loss)
-        ctx.router_stats.append(router_stats(flat_probs.detach(), flat_top, balance.detach()))
+        ctx.router_stats.append(router_stats_row(flat_probs.detach(), flat_top, balance.detach()))
         return out
 
 
@@ -1362,7 +1362,7 @@ def expert_counts(choices: Tensor, num_experts: int) -> Tensor:
     return torch.zeros(num_experts, device=flat.device).index_add_(0, flat, torch.ones(flat.numel(), device=flat.device))
 
 
-def router_stats(probs: Tensor, top_i: Tensor, balance: Tensor) -> Tensor:
+def router_stats_row(probs: Tensor, top_i: Tensor, balance: Tensor) -> Tensor:
     """One ROUTER_STATS row from a pass's router probabilities [tokens, E] and top-k choices [tokens, k]."""
     num_experts = probs.size(-1)
     top1 = expert_counts(top_i[:, 0], num_experts)
