@@ -53,7 +53,7 @@ ENV_PREFIXES = ("TTT_", "EVAL_", "CALIB_", "MUON_", "ADAM_", "EXPORT_", "TERNARY
                 "TRAIN_", "VAL_", "WARMDOWN_", "WARMUP_", "QK_", "ROPE_", "MLP_", "EMBED_", "LOGIT_", "SOFTCAP_", "NUM_",
                 "MODEL_", "TIED_", "FP_", "ATTN_", "SIZE_", "SUBMISSION_",
                 "CHECKPOINT_", "RESUME_", "ENGRAM_", "BIGRAM_HASH_", "MOE_", "XSA_", "VRL_", "SMEAR_", "SMEARGATE_",
-                "LN_SCALE_")
+                "LN_SCALE_", "SKC_", "CAPSULE_", "KOOPMAN_", "FEEDBACK_", "ADAPTIVE_HALT_", "SHARED_", "RECURRENCE_")
 ENV_SUFFIXES = ("_LR",)
 
 # `build_submission.py extract` rewrites these two in the file it writes; the full trainer removes and folds
@@ -292,6 +292,36 @@ class Hyperparameters:
         "SMEAR_GATE": Setting(False),  # blend the previous token's embedding in through a learned gate
         # feature: ln_scale_damping
         "LN_SCALE_DAMPING": Setting(False),  # scale each block's normed inputs by 1/sqrt(layer index + 1)
+        # The SKC model (issue 9): every component off until the CPU proxy ablation (bench/ablations/skc.md) says
+        # otherwise. ARCHITECTURE=skc_competition (the design's spelling) reads as skc.
+        # feature: skc_mixer
+        "ARCHITECTURE": Setting("transformer", choices=("transformer", "skc", "hybrid")),  # token mixer of each layer
+        "SKC_LAYERS": Setting(""),  # hybrid: comma-separated layers with the SKC mixer ("": the even layers)
+        "SKC_CHUNK": Setting(32, lo=1),  # scan chunk width (SKC mixer and capsule bank); must divide TRAIN_SEQ_LEN
+        "SKC_CONV_KERNEL": Setting(4, lo=1, hi=16),  # taps of the causal depthwise convolution
+        "SKC_SPECTRAL_WEIGHT": Setting(0.0, lo=0.0),  # aux loss on decay memory longer than the training window
+        # feature: capsules
+        "CAPSULE_ENABLED": Setting(False),  # causal capsule summary of the encoder output, injected into the decoder
+        "CAPSULE_NUM": Setting(8, lo=0),
+        "CAPSULE_DIM": Setting(16, lo=1),
+        # feature: koopman
+        "KOOPMAN_ENABLED": Setting(False),  # one step of D + UV^T dynamics on the capsule state
+        "KOOPMAN_RANK": Setting(2, lo=0),
+        "KOOPMAN_LR": Setting(0.01, lo=0.0),  # its own Adam group, without weight decay
+        "KOOPMAN_CONSISTENCY_WEIGHT": Setting(0.0, lo=0.0),  # the step predicts the next feedback pass's state
+        # feature: feedback_passes
+        "FEEDBACK_PASSES": Setting(0, lo=0, hi=8),  # decoder re-runs with the refined capsule state
+        "FEEDBACK_EVERY": Setting(1, lo=1),  # training runs them on every N-th step (evaluation: always)
+        "ADAPTIVE_HALT_ENABLED": Setting(False),  # evaluation: a position stops refining once its state settles
+        "ADAPTIVE_HALT_THRESHOLD": Setting(0.01, lo=0.0),  # relative capsule update norm under which it halts
+        # feature: shared_blocks
+        "SHARED_BLOCKS": Setting(0, lo=0),  # 0: off; S: layer i runs the mixer and MLP of layer i % S
+        # feature: parallel_residual
+        "SKC_PARALLEL_RESIDUAL": Setting(False),  # mixer and MLP read the same normed input
+        # feature: recurrence
+        "RECURRENCE_DEPTH": Setting(0, lo=0, hi=8),  # extra runs of the RECURRENCE_LAYERS band
+        "RECURRENCE_LAYERS": Setting(""),  # inclusive band "lo-hi"; "": the two middle layers
+        "RECURRENCE_START_FRACTION": Setting(0.0, lo=0.0, hi=1.0),  # of the training clock
     }
     # Names from the design's launch scripts: read as our setting (aliases) or refused with a pointer to it.
     DESIGN_ALIASES: dict[str, str] = {
@@ -308,6 +338,11 @@ class Hyperparameters:
         "XSA_START_LAYER": "set XSA_LAST_N instead (the number of final layers with XSA: NUM_LAYERS - XSA_START_LAYER)",
         # feature: vrl
         "VRL_START_LAYER": "VRL_ENABLED=1 blends layer-0 values into every later attention layer; there is no start layer",
+        # not implemented (issue 9 names them): refused rather than ignored
+        "CURRICULUM_ENABLED": "a sequence-length curriculum is not implemented: unset it (TRAIN_SEQ_LEN is fixed for "
+                              "the whole run)",
+        "TERNARY_NOISE_SCALE": "weight-noise training is not implemented: unset it (ternary layers train through the "
+                               "straight-through estimator alone, see TernaryLinear)",
     }
 
     def __init__(self, environ: dict[str, str] | None = None):
@@ -344,6 +379,8 @@ class Hyperparameters:
     @classmethod
     def _resolve_design_names(cls, env) -> dict[str, str]:
         resolved = dict(env)
+        if resolved.get("ARCHITECTURE", "").strip() == "skc_competition":  # the design's launch scripts' name for skc
+            resolved["ARCHITECTURE"] = "skc"
         for name, message in cls.DESIGN_REFUSED.items():
             if name in env:
                 raise ConfigError(f"{name} is a setting of the design that skc-golf does not take: {message}")
@@ -412,6 +449,7 @@ class Hyperparameters:
                     f"MOE_TOP_K={self.moe_top_k} must be at most MOE_NUM_EXPERTS={self.moe_num_experts}")
             require(self.moe_layer_frac > 0, "MOE_LAYER_FRAC must be above 0 with MOE_ENABLED=1 (the share of layers that route)")
         require(self.xsa_last_n <= self.num_layers, f"XSA_LAST_N={self.xsa_last_n} must be at most NUM_LAYERS={self.num_layers}")
+        self._check_skc_relations(require)
         if self.weight_quant == "ternary":
             for label, width in (("MODEL_DIM", self.model_dim), ("MLP_MULT*MODEL_DIM", self.mlp_hidden)):
                 require(width % self.ternary_group_size == 0,
@@ -420,6 +458,56 @@ class Hyperparameters:
         for now, extracted, source in folded_branches(self):
             require(bool(now) == extracted, f"this file was extracted with `{source}` {extracted}; the settings make it "
                     f"{bool(now)}: keep the extracted value, or extract again from train_gpt.py with the changed config")
+
+    def _check_skc_relations(self, require) -> None:
+        """The SKC model's settings (issue 9), each checked only while its component is on."""
+        require(self.architecture == "hybrid" or not self.skc_layers.strip(),
+                f"SKC_LAYERS={self.skc_layers!r} picks the SKC layers of ARCHITECTURE=hybrid (skc uses the SKC mixer in "
+                "every layer, transformer in none): set ARCHITECTURE=hybrid or unset SKC_LAYERS")
+        if self.architecture == "hybrid":
+            mixers = skc_layers(self)
+            require(0 < len(mixers) < self.num_layers, f"ARCHITECTURE=hybrid needs SKC and attention layers; SKC_LAYERS="
+                    f"{self.skc_layers!r} gives {sorted(mixers)} of {self.num_layers} (ARCHITECTURE=skc: all of them)")
+        if self.architecture != "transformer" or self.capsule_enabled:
+            require(self.train_seq_len % self.skc_chunk == 0, f"SKC_CHUNK={self.skc_chunk} must divide TRAIN_SEQ_LEN="
+                    f"{self.train_seq_len} (a chunk that does not divide pads every training sequence)")
+        require(self.architecture != "transformer" or self.skc_spectral_weight == 0,
+                "SKC_SPECTRAL_WEIGHT acts on the SKC mixers' decay rates: set ARCHITECTURE=skc or hybrid")
+        if self.capsule_enabled:
+            require(self.capsule_num >= 1, "CAPSULE_ENABLED=1 needs CAPSULE_NUM >= 1")
+            width = self.capsule_num * self.capsule_dim
+            require(self.weight_quant != "ternary" or width % self.ternary_group_size == 0,
+                    f"CAPSULE_NUM*CAPSULE_DIM={width} must divide by TERNARY_GROUP_SIZE={self.ternary_group_size} "
+                    "(the capsule adapter is a ternary layer)")
+        require(self.capsule_enabled or not (self.koopman_enabled or self.feedback_passes),
+                "KOOPMAN_ENABLED and FEEDBACK_PASSES act on the capsule state: set CAPSULE_ENABLED=1")
+        if self.koopman_enabled:
+            dim = self.capsule_dim
+            require(dim & (dim - 1) == 0, f"KOOPMAN_ENABLED=1 needs a power-of-two CAPSULE_DIM (the Hadamard rotation), "
+                    f"got {dim}")
+            require(self.koopman_rank <= dim, f"KOOPMAN_RANK={self.koopman_rank} must be at most CAPSULE_DIM={dim}")
+        require(self.koopman_consistency_weight == 0 or (self.koopman_enabled and self.feedback_passes > 0),
+                "KOOPMAN_CONSISTENCY_WEIGHT trains the Koopman step to predict the next pass's capsule state: it needs "
+                "KOOPMAN_ENABLED=1 and FEEDBACK_PASSES >= 1")
+        require(not self.adaptive_halt_enabled or self.feedback_passes > 0,
+                "ADAPTIVE_HALT_ENABLED=1 halts feedback passes: set FEEDBACK_PASSES >= 1")
+        if self.shared_blocks:
+            require(self.shared_blocks < self.num_layers,
+                    f"SHARED_BLOCKS={self.shared_blocks} must be below NUM_LAYERS={self.num_layers} (0 turns sharing off)")
+            require(not (self.xsa_last_n or self.vrl_enabled or self.moe_enabled), "SHARED_BLOCKS shares each layer's "
+                    "attention and MLP, which XSA_LAST_N, VRL_ENABLED and MOE_ENABLED choose per layer: use one or the other")
+            if self.architecture == "hybrid":
+                mixers = skc_layers(self)
+                require(all((i in mixers) == (i % self.shared_blocks in mixers) for i in range(self.num_layers)),
+                        f"with SHARED_BLOCKS={self.shared_blocks} layer i runs layer i % {self.shared_blocks}'s mixer: "
+                        f"SKC_LAYERS={self.skc_layers!r} must repeat with that period")
+        if self.recurrence_depth:
+            recurrence_band(self)  # a malformed or out-of-range band stops here
+        require(self.recurrence_depth > 0 or not self.recurrence_layers.strip(),
+                "RECURRENCE_LAYERS needs RECURRENCE_DEPTH >= 1")
+        require(not self.moe_enabled or not (self.feedback_passes or self.recurrence_depth),
+                "MOE_ENABLED reports router figures per layer and step: FEEDBACK_PASSES and RECURRENCE_DEPTH, which re-run "
+                "layers, are not supported with it")
 
     @property
     def head_dim(self) -> int:
@@ -435,6 +523,43 @@ class Hyperparameters:
 
     def lines(self) -> list[str]:
         return [f"config {name}={getattr(self, name.lower())}" for name in self.SETTINGS]
+
+
+def layer_indices(text: str, num_layers: int, name: str, band: bool = False) -> tuple[int, ...]:
+    """Layer indices from "0,2,5" (band: an inclusive range "lo-hi"), each in [0, num_layers); bad text stops the run."""
+    try:
+        if band:
+            lo, hi = (int(part) for part in text.split("-"))
+            indices = tuple(range(lo, hi + 1))
+        else:
+            indices = tuple(sorted({int(part) for part in text.split(",")}))
+        if not indices:
+            raise ValueError
+    except ValueError:
+        form = "an inclusive range lo-hi, e.g. 2-3" if band else "comma-separated layer indices, e.g. 0,2,4"
+        raise ConfigError(f"{name}={text!r} must be {form}") from None
+    bad = [i for i in indices if not 0 <= i < num_layers]
+    if bad:
+        raise ConfigError(f"{name}={text!r} names layer {bad[0]}, outside 0..{num_layers - 1} (NUM_LAYERS={num_layers})")
+    return indices
+
+
+def skc_layers(args: Hyperparameters) -> frozenset[int]:
+    """Layers whose token mixer is the SKC mixer: every layer (skc), SKC_LAYERS or the even layers (hybrid), none."""
+    if args.architecture == "skc":
+        return frozenset(range(args.num_layers))
+    if args.architecture == "hybrid":
+        text = args.skc_layers.strip()
+        return frozenset(layer_indices(text, args.num_layers, "SKC_LAYERS") if text else range(0, args.num_layers, 2))
+    return frozenset()
+
+
+def recurrence_band(args: Hyperparameters) -> tuple[int, ...]:
+    """The layers depth recurrence re-runs: RECURRENCE_LAYERS, or the two around the U-Net's middle."""
+    if args.recurrence_layers.strip():
+        return layer_indices(args.recurrence_layers.strip(), args.num_layers, "RECURRENCE_LAYERS", band=True)
+    middle = args.num_layers // 2
+    return tuple(range(max(middle - 1, 0), min(middle, args.num_layers - 1) + 1))
 
 
 # -----------------------------------------------------------------------------
@@ -897,6 +1022,10 @@ ROLES = {
     # Hashed n-gram tables (EngramHash): Adam at ENGRAM_LR, quantized by export, never moved by test-time
     # training (the tables stay exactly as the artifact packs them).
     "hash_table": Role(quantizable=True, ttt_scope="frozen", count_kind="hash_table"),
+    # Koopman dynamics (D + UV^T on the capsule state): Adam at KOOPMAN_LR without weight decay, fp16 in the
+    # artifact, clamped to a contraction after every optimizer step; test-time training, which has no clamp,
+    # never moves it.
+    "koopman": Role(quantizable=False, ttt_scope="frozen", count_kind="scalar"),
 }
 
 
@@ -987,15 +1116,16 @@ class TernaryLinear(nn.Linear):
         return F.linear(x, w.to(x.dtype))
 
 
-# --- feature: turbo_quant (TURBO_QUANT_TRAIN, TURBO_QUANT_EXPORT) ---
 def hadamard_matrix(n: int) -> Tensor:
-    """Orthonormal Sylvester Hadamard matrix (n a power of two); symmetric, so it is its own inverse."""
+    """Orthonormal Sylvester Hadamard matrix (n a power of two); symmetric, so it is its own inverse.
+    (TurboQuant and the Koopman dynamics use it.)"""
     h = torch.ones(1, 1)
     while h.size(0) < n:
         h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
     return h / math.sqrt(n)
 
 
+# --- feature: turbo_quant (TURBO_QUANT_TRAIN, TURBO_QUANT_EXPORT) ---
 def rotate_blocks(x: Tensor, hadamard: Tensor) -> Tensor:
     """Multiply each block of the last dim by the Hadamard matrix (TurboQuant's rotation)."""
     n = hadamard.size(0)
@@ -1096,20 +1226,24 @@ class CausalSelfAttention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((self.num_heads,), args.qk_gain_init))
         self.rotary = Rotary(args.rope_dims or self.head_dim, args.rope_base)
         self.backend, self.flash_fn = "sdpa", None
+        self.args = args  # the forward's feature guards read settings (so `extract --dce` can fold them)
         self.xsa = layer >= args.num_layers - args.xsa_last_n
-        self.vrl_source = vrl_active(args) and layer == 0
-        # sigmoid(4) = 0.98 of the layer's own values at the start
-        self.vrl_gate = nn.Parameter(torch.tensor(4.0)) if vrl_active(args) and layer > 0 else None
+        self.vrl_source, self.vrl_gate = False, None
+        if args.vrl_enabled and vrl_active(args):
+            self.vrl_source = layer == 0
+            # sigmoid(4) = 0.98 of the layer's own values at the start
+            self.vrl_gate = nn.Parameter(torch.tensor(4.0)) if layer > 0 else None
 
     def forward(self, x: Tensor, ctx: ForwardContext) -> Tensor:
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
-        if self.vrl_source:
-            ctx.values0 = v
-        if self.vrl_gate is not None:
-            v = value_residual(v, ctx.values0, self.vrl_gate)
+        if self.args.vrl_enabled:
+            if self.vrl_source:
+                ctx.values0 = v
+            if self.vrl_gate is not None:
+                v = value_residual(v, ctx.values0, self.vrl_gate)
         if self.qk_norm:
             q, k = rms_norm(q), rms_norm(k)
         q = self.rotary(q) * self.q_gain.to(q.dtype)[None, None, :, None]
@@ -1120,7 +1254,7 @@ class CausalSelfAttention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
                                                enable_gqa=self.num_kv_heads != self.num_heads).transpose(1, 2)
-        if self.xsa:
+        if self.args.xsa_last_n and self.xsa:
             y = exclude_self_value(y, v)
         return self.proj(y.reshape(B, T, -1))
 
@@ -1145,6 +1279,7 @@ class ForwardContext:
 
     def __init__(self):
         self.values0: Tensor | None = None  # layer 0's attention values (VRL)
+        self.doc_starts: Tensor | None = None  # [B, T] most recent BOS at or before each position (SKC, capsules)
         self.aux_losses: list[Tensor] = []  # weighted terms of the training objective, never of the reported loss
         self.router_stats: list[Tensor] = []  # one ROUTER_STATS row per routing layer (MoE)
 
@@ -1166,6 +1301,8 @@ def exclude_self_value(y: Tensor, v: Tensor) -> Tensor:
 # --- feature: vrl (VRL_ENABLED) ---
 def vrl_active(args: Hyperparameters) -> bool:
     """Value residual needs attention in layer 0, whose values every later layer blends in."""
+    if args.architecture != "transformer":
+        return args.vrl_enabled and 0 not in skc_layers(args)
     return args.vrl_enabled
 
 
@@ -1348,7 +1485,7 @@ class TernaryMoE(nn.Module):
         balance = self.num_experts * (assigned / assigned.sum() * flat_probs.mean(0)).sum()
         z_loss = torch.logsumexp(logits, dim=-1).square().mean()
         ctx.aux_losses.append(self.aux_coef * balance + self.z_coef * z_loss)
-        ctx.router_stats.append(router_stats(flat_probs.detach(), flat_top, balance.detach()))
+        ctx.router_stats.append(router_stats_row(flat_probs.detach(), flat_top, balance.detach()))
         return out
 
 
@@ -1358,7 +1495,7 @@ def expert_counts(choices: Tensor, num_experts: int) -> Tensor:
     return torch.zeros(num_experts, device=flat.device).index_add_(0, flat, torch.ones(flat.numel(), device=flat.device))
 
 
-def router_stats(probs: Tensor, top_i: Tensor, balance: Tensor) -> Tensor:
+def router_stats_row(probs: Tensor, top_i: Tensor, balance: Tensor) -> Tensor:
     """One ROUTER_STATS row from a pass's router probabilities [tokens, E] and top-k choices [tokens, k]."""
     num_experts = probs.size(-1)
     top1 = expert_counts(top_i[:, 0], num_experts)
@@ -1421,24 +1558,260 @@ def start_moe_routing(model: nn.Module) -> None:
 # --- end feature: moe ---
 
 
+def document_starts(input_ids: Tensor) -> Tensor:
+    """[B, T] index of the most recent BOS at or before each position (0 when the window holds none): the first
+    position a document-local state may read. Scan, convolution and capsule state never reach before it."""
+    positions = torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)
+    return torch.cummax(torch.where(input_ids == BOS_ID, positions, torch.zeros_like(positions)), dim=1).values
+
+
+def document_scan(u: Tensor, log_decay: Tensor, doc: Tensor, chunk: int) -> Tensor:
+    """h_t = a*h_{t-1} + u_t in fp32, a = exp(log_decay) per channel, restarting at each document start (doc_t == t),
+    so offset k weighs a^k. Two levels: `chunk` sequential steps inside every chunk at once, then the chunks' final
+    states carried forward, entering position i of a chunk as a^(i+1) h_prev unless a document starts in between.
+    A restart replaces the state (never subtracts it), so a position's value is bit-identical whatever an earlier
+    document held. A length that is not a multiple of `chunk` is padded, then stripped."""
+    B, T, D = u.shape
+    pad = -T % chunk
+    if pad:
+        u = F.pad(u, (0, 0, 0, pad))
+        doc = torch.cat((doc, torch.arange(T, T + pad, device=doc.device).expand(B, pad)), dim=1)
+    n = u.size(1) // chunk
+    u = u.float().view(B, n, chunk, D)
+    positions = torch.arange(n * chunk, device=u.device).view(1, n, chunk)
+    restart = (doc.view(B, n, chunk) == positions).unsqueeze(-1)
+    decay = log_decay.float().exp()
+    state = torch.zeros(B, n, D, device=u.device)
+    inner = []
+    for i in range(chunk):
+        state = torch.where(restart[:, :, i], u[:, :, i], decay * state + u[:, :, i])
+        inner.append(state)
+    inner = torch.stack(inner, dim=2)
+    carries = torch.where((doc.view(B, n, chunk) < positions[:, :, :1]).unsqueeze(-1),
+                          torch.exp(torch.arange(1, chunk + 1, device=u.device).unsqueeze(-1) * log_decay.float()), 0.0)
+    state = torch.zeros(B, D, device=u.device)
+    outputs = []
+    for k in range(n):
+        y = inner[:, k] + carries[:, k] * state.unsqueeze(1)
+        state = y[:, -1]
+        outputs.append(y)
+    return torch.stack(outputs, dim=1).view(B, n * chunk, D)[:, :T]
+
+
+# --- feature: skc_mixer (ARCHITECTURE!=transformer) ---
+def causal_depthwise_conv(x: Tensor, weight: Tensor, doc: Tensor) -> Tensor:
+    """y_t = sum_k weight[:, k] * x_{t-k}, where a tap that would read before the document start reads zero."""
+    T, taps = x.size(1), weight.size(1)
+    positions = torch.arange(T, device=x.device)
+    padded = F.pad(x, (0, 0, taps - 1, 0))
+    y = torch.zeros_like(x)
+    for k in range(taps):
+        inside = (positions - k >= doc).unsqueeze(-1).to(x.dtype)
+        y = y + weight[:, k].to(x.dtype) * padded[:, taps - 1 - k:taps - 1 - k + T] * inside
+    return y
+
+
+class SKCMixer(nn.Module):
+    """The SKC token mixer (Koopman-SSM): a causal linear recurrence h_t = a*h_{t-1} + (1-a)*u_t with a learned decay
+    a per channel (offset k weighs a^k: diagonal Koopman dynamics), after a short causal depthwise convolution, gated
+    and projected back with ternary layers. Scan and convolution restart at every BOS."""
+    param_roles = {"decay_logit": "scalar", "conv_weight": "scalar"}
+
+    def __init__(self, args: Hyperparameters):
+        super().__init__()
+        dim = args.model_dim
+        self.chunk = args.skc_chunk
+        self.in_proj = make_linear(args, dim, dim)
+        self.gate_proj = make_linear(args, dim, dim)
+        self.out_proj = make_linear(args, dim, dim)  # not zero-initialised: the block's residual scale starts at 0
+        conv = torch.zeros(dim, args.skc_conv_kernel)
+        conv[:, 0] = 1.0  # starts as the identity
+        self.conv_weight = nn.Parameter(conv)
+        # memory lengths 1/(1-a) spread log-uniformly from 2 tokens to the training window
+        timescales = torch.logspace(math.log10(2.0), math.log10(max(args.train_seq_len, 4)), dim)
+        rate = -torch.log1p(-1.0 / timescales)  # -log a
+        self.decay_logit = nn.Parameter(torch.log(torch.expm1(rate)))  # softplus^-1
+
+    def log_decay(self) -> Tensor:
+        return -F.softplus(self.decay_logit.float())
+
+    def spectral_loss(self, seq_len: int) -> Tensor:
+        """Mean memory length beyond the window, as a fraction of it: decay rates whose memory the window cuts off."""
+        memory = 1.0 / -torch.expm1(self.log_decay())
+        return F.relu(memory / seq_len - 1.0).mean()
+
+    def forward(self, x: Tensor, ctx: ForwardContext) -> Tensor:
+        log_decay = self.log_decay()
+        u = causal_depthwise_conv(self.in_proj(x), self.conv_weight, ctx.doc_starts)
+        h = document_scan(-torch.expm1(log_decay) * u.float(), log_decay, ctx.doc_starts, self.chunk)
+        return self.out_proj(h.to(x.dtype) * F.silu(self.gate_proj(x)))
+
+
+def skc_spectral_loss(model: GPT, seq_len: int) -> Tensor:
+    return torch.stack([block.skc.spectral_loss(seq_len) for block in model.blocks if block.skc is not None]).mean()
+# --- end feature: skc_mixer ---
+
+
 class Block(nn.Module):
-    """Pre-norm block; resid_mix blends the running stream with the input embedding x0."""
+    """Pre-norm block; resid_mix blends the running stream with the input embedding x0.
+
+    The token mixer is attention or, in the layers that skc_layers names, the SKC mixer, whose residual scale starts at
+    zero (SkipInit). With SHARED_BLOCKS, layer i >= S runs the mixer and MLP of layer i % S (`shared`, a tuple, so
+    those weights register, count and export once) with scales of its own. SKC_PARALLEL_RESIDUAL: the mixer and
+    the MLP read the same normed input and are added together."""
     param_roles = {"attn_scale": "scalar", "mlp_scale": "scalar", "resid_mix": "scalar"}
 
-    def __init__(self, args: Hyperparameters, layer: int):
+    def __init__(self, args: Hyperparameters, layer: int, owner: Block | None = None):
         super().__init__()
-        self.attn = CausalSelfAttention(args, layer)
-        self.mlp = TernaryMoE(args) if args.moe_enabled and layer >= first_moe_layer(args) else MLP(args)
-        self.attn_scale = nn.Parameter(torch.ones(args.model_dim))
+        self.args = args  # the forward's feature guards read settings (so `extract --dce` can fold them)
+        self.skc_mixer = layer in skc_layers(args) if args.architecture != "transformer" else False
+        self.shared = (owner,) if args.shared_blocks and owner is not None else ()
+        self.attn = None if self.shared or self.skc_mixer else CausalSelfAttention(args, layer)
+        self.skc = SKCMixer(args) if args.architecture != "transformer" and self.skc_mixer and not self.shared else None
+        self.mlp = None if self.shared else (
+            TernaryMoE(args) if args.moe_enabled and layer >= first_moe_layer(args) else MLP(args))
+        self.attn_scale = nn.Parameter(torch.zeros(args.model_dim) if self.skc_mixer else torch.ones(args.model_dim))
         self.mlp_scale = nn.Parameter(torch.ones(args.model_dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(args.model_dim), torch.zeros(args.model_dim))))
         self.norm_scale = ln_scale_factor(layer) if args.ln_scale_damping else 1.0
 
     def forward(self, x: Tensor, x0: Tensor, ctx: ForwardContext) -> Tensor:
+        weights = self.shared[0] if self.args.shared_blocks and self.shared else self
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, ctx)
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale, ctx)
+        normed = rms_norm(x) * self.norm_scale
+        if self.args.architecture != "transformer" and self.skc_mixer:
+            mixed = weights.skc(normed, ctx)
+        else:
+            mixed = weights.attn(normed, ctx)
+        if self.args.skc_parallel_residual:
+            return x + self.attn_scale.to(x.dtype) * mixed + self.mlp_scale.to(x.dtype) * weights.mlp(normed, ctx)
+        x = x + self.attn_scale.to(x.dtype) * mixed
+        return x + self.mlp_scale.to(x.dtype) * weights.mlp(rms_norm(x) * self.norm_scale, ctx)
+
+
+# --- feature: capsules (CAPSULE_ENABLED) ---
+class CapsuleBank(nn.Module):
+    """CAPSULE_NUM capsules of width CAPSULE_DIM summarise the document so far: capsule k at position t is the
+    routing-weighted mean of its value vectors over the document's positions up to t (never a later one, never an
+    earlier document). The state reaches the stream through a gated adapter whose gate starts nearly closed."""
+    param_roles = {"gate": "scalar"}
+
+    def __init__(self, args: Hyperparameters):
+        super().__init__()
+        self.num, self.dim, self.chunk = args.capsule_num, args.capsule_dim, args.skc_chunk
+        self.route = make_linear(args, args.model_dim, self.num)
+        self.read = make_linear(args, args.model_dim, self.num * self.dim)
+        self.write = make_linear(args, self.num * self.dim, args.model_dim)
+        self.gate = nn.Parameter(torch.full((args.model_dim,), -5.0))  # sigmoid(-5) = 0.007
+
+    def summarize(self, h: Tensor, doc: Tensor) -> Tensor:
+        """Capsule state [B, T, CAPSULE_NUM, CAPSULE_DIM] of each position, from positions doc_t..t of h: a prefix
+        sum (a scan without decay) of the weighted values and of the weights."""
+        B, T, _ = h.shape
+        weight = torch.sigmoid(self.route(h).float()).unsqueeze(-1)
+        values = self.read(h).float().view(B, T, self.num, self.dim)
+        sums = document_scan(torch.cat((weight * values, weight), -1).flatten(2), torch.zeros((), device=h.device),
+                             doc, self.chunk).view(B, T, self.num, self.dim + 1)
+        return (sums[..., :-1] / (sums[..., -1:] + 1.0)).to(h.dtype)
+
+    def inject(self, x: Tensor, state: Tensor) -> Tensor:
+        return x + torch.sigmoid(self.gate).to(x.dtype) * self.write(state.flatten(2).to(x.dtype))
+
+
+class CapsuleDecode(NamedTuple):
+    hidden: Tensor  # the decoder's output
+    state: Tensor  # each position's capsule state, from the same pass as its hidden state
+    passes: Tensor  # [B, T] feedback passes each position kept
+
+
+def capsule_step(model: GPT, state: Tensor) -> Tensor:
+    """The capsule state one step on: the Koopman dynamics when on, else unchanged."""
+    args = model.args
+    return model.koopman(state) if args.koopman_enabled else state
+
+
+def capsule_decode(model: GPT, mid: Tensor, decode, ctx: ForwardContext) -> CapsuleDecode:
+    """The decoder (`decode`, from GPT.encode) reads the capsule state of the encoder output advanced one step;
+    then the feedback passes refine it."""
+    args = model.args
+    state = model.capsules.summarize(mid, ctx.doc_starts)
+    hidden = decode(model.capsules.inject(mid, capsule_step(model, state)))
+    decoded = CapsuleDecode(hidden, state, torch.zeros(mid.shape[:2], dtype=torch.int64, device=mid.device))
+    if args.feedback_passes and (model.feedback_active or not model.training):
+        decoded = feedback_passes(model, decoded, mid, decode, ctx)
+    return decoded
+# --- end feature: capsules ---
+
+
+# --- feature: feedback_passes (FEEDBACK_PASSES) ---
+def feedback_passes(model: GPT, decoded: CapsuleDecode, mid: Tensor, decode, ctx: ForwardContext) -> CapsuleDecode:
+    """FEEDBACK_PASSES passes that summarise the previous pass's output into capsules (causally: position t reads
+    its document's positions up to t, never a pooled window, which would let a prediction see later tokens) and
+    re-run the decoder with that state.
+
+    Training adds the consistency loss (the Koopman step of a pass's state predicts the next pass's state). At eval
+    with adaptive halting, from the second feedback pass on, a position whose relative capsule update falls under the
+    threshold halts: it rolls back to the previous pass's state and output, together, and keeps them. The decision
+    reads only that position's state, so it stays causal; the loop ends early once every position has halted."""
+    args = model.args
+    hidden, state, passes = decoded.hidden, decoded.state, decoded.passes
+    halting = args.adaptive_halt_enabled and not model.training
+    consistency = []
+    active = torch.ones_like(passes, dtype=torch.bool)
+    for p in range(args.feedback_passes):
+        new_state = model.capsules.summarize(hidden, ctx.doc_starts)
+        if model.training and args.koopman_consistency_weight > 0:
+            consistency.append(F.mse_loss(capsule_step(model, state).float(), new_state.detach().float()))
+        new_hidden = decode(model.capsules.inject(mid, capsule_step(model, new_state)))
+        if halting and p > 0:
+            update = (new_state - state).float().flatten(2).norm(dim=-1)
+            active = active & (update >= args.adaptive_halt_threshold * state.float().flatten(2).norm(dim=-1))
+            new_state = torch.where(active[..., None, None], new_state, state)
+            new_hidden = torch.where(active[..., None], new_hidden, hidden)
+        hidden, state, passes = new_hidden, new_state, passes + active.long()
+        if halting and not bool(active.any()):  # (evaluation only: a host sync)
+            break
+    if consistency:
+        ctx.aux_losses.append(args.koopman_consistency_weight * torch.stack(consistency).mean())
+    return CapsuleDecode(hidden, state, passes)
+# --- end feature: feedback_passes ---
+
+
+# --- feature: koopman (KOOPMAN_ENABLED) ---
+KOOPMAN_MAX_ABS = 0.998  # |D| stays under 0.999, and so does the norm of D + UV^T
+
+
+class KoopmanDynamics(nn.Module):
+    """One step of linear dynamics on each capsule: c -> H (D + U V^T) H c, H the orthonormal Hadamard matrix.
+    clamp_() keeps it a contraction after every optimizer step (spectral radius <= its norm < 1)."""
+    param_roles = {"diag": "koopman", "left": "koopman", "right": "koopman"}
+
+    def __init__(self, args: Hyperparameters):
+        super().__init__()
+        dim, rank = args.capsule_dim, args.koopman_rank
+        self.diag = nn.Parameter(torch.full((dim,), 0.9))
+        self.left = nn.Parameter(torch.zeros(dim, rank))  # starts diagonal
+        self.right = nn.Parameter(torch.randn(dim, rank) / math.sqrt(dim))
+        self.register_buffer("hadamard", hadamard_matrix(dim), persistent=False)
+
+    def operator(self) -> Tensor:
+        return torch.diag(self.diag) + self.left @ self.right.T
+
+    def forward(self, state: Tensor) -> Tensor:
+        rotated = state.float() @ self.hadamard
+        return ((rotated @ self.operator().T) @ self.hadamard).to(state.dtype)
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """|D| <= KOOPMAN_MAX_ABS, then D and U shrink together until max|D| + |U|_F |V|_F <= KOOPMAN_MAX_ABS, a
+        bound on the norm of D + UV^T (tensor ops only: no host sync)."""
+        self.diag.clamp_(-KOOPMAN_MAX_ABS, KOOPMAN_MAX_ABS)
+        bound = self.diag.abs().max() + self.left.norm() * self.right.norm()
+        shrink = (KOOPMAN_MAX_ABS / bound).clamp(max=1.0)
+        self.diag.mul_(shrink)
+        self.left.mul_(shrink)
+# --- end feature: koopman ---
 
 
 def softcap(logits: Tensor, cap: float, kind: str) -> Tensor:
@@ -1466,9 +1839,19 @@ class GPT(nn.Module):
         self.num_encoder_layers = args.num_layers // 2
         self.num_decoder_layers = args.num_layers - self.num_encoder_layers
         self.skip_weights = nn.Parameter(torch.ones(min(self.num_encoder_layers, self.num_decoder_layers), args.model_dim))
-        self.blocks = nn.ModuleList(Block(args, layer) for layer in range(args.num_layers))
+        self.blocks = nn.ModuleList()
+        for layer in range(args.num_layers):
+            owner = self.blocks[layer % args.shared_blocks] if args.shared_blocks and layer >= args.shared_blocks else None
+            self.blocks.append(Block(args, layer, owner))
         self.smear = SmearGate(args.model_dim) if args.smear_gate else None
         self.engram = EngramHash(args) if args.engram_enabled else None
+        self.capsules = CapsuleBank(args) if args.capsule_enabled else None
+        self.koopman = KoopmanDynamics(args) if args.koopman_enabled else None
+        self.recurrence_band = recurrence_band(args) if args.recurrence_depth else ()
+        # Training-phase switches that the training loop sets (set_training_phase); evaluation and export run the
+        # full graph. Each combination is one fixed graph, compiled once.
+        self.recurrence_active = args.recurrence_depth > 0
+        self.feedback_active = True
         # fitted after training on training tokens; part of the artifact
         self.register_buffer("logit_temperature", torch.tensor(1.0) if args.eval_temperature_fit else None)
         self._init_weights()
@@ -1492,38 +1875,66 @@ class GPT(nn.Module):
         std = self.args.tied_embed_init_std if self.args.tie_embeddings else 1.0 / math.sqrt(self.tok_emb.embedding_dim)
         nn.init.normal_(self.tok_emb.weight, std=std)
         for module in self.modules():  # output projections start at zero, so every block starts as the identity
-            if isinstance(module, (CausalSelfAttention, MLP, EngramHash)):
+            if isinstance(module, (CausalSelfAttention, MLP)):
                 nn.init.zeros_(module.proj.weight)
+        if self.args.engram_enabled:  # the memory starts silent too
+            nn.init.zeros_(self.engram.proj.weight)
         if self.lm_head is not None:
             nn.init.zeros_(self.lm_head.weight)
 
     def set_attention_backend(self, name: str, flash_fn) -> None:
         for block in self.blocks:
-            block.attn.backend, block.attn.flash_fn = name, flash_fn
+            if block.attn is not None:  # (an SKC layer, or a layer that runs a shared block's attention)
+                block.attn.backend, block.attn.flash_fn = name, flash_fn
 
     def embedding_weight(self) -> Tensor:
         w = self.tok_emb.weight
         return w if self.embed_format is None else fp_fake_quant(w, self.embed_format)
 
-    def hidden_states(self, input_ids: Tensor, ctx: ForwardContext | None = None) -> Tensor:
-        ctx = ForwardContext() if ctx is None else ctx
+    def encode(self, input_ids: Tensor, ctx: ForwardContext):
+        """(encoder output, decode): decode(h) runs the decoder blocks on h, each call popping its own copy of the
+        encoder's skips (the feedback passes run the decoder more than once)."""
         x = F.embedding(input_ids, self.embedding_weight())
         if self.embed_proj is not None:
             x = self.embed_proj(x)
         x = rms_norm(x)
         if self.args.smear_gate:
             x = self.smear(x, input_ids)
+        if self.args.architecture != "transformer" or self.args.capsule_enabled:
+            ctx.doc_starts = document_starts(input_ids)
         x0 = x
-        skips = []
-        for i, block in enumerate(self.blocks):
+        skips: list[Tensor] = []
+        x = self.run_layers(range(self.num_encoder_layers), x, x0, skips, ctx, input_ids)
+
+        def decode(h: Tensor) -> Tensor:
+            return self.run_layers(range(self.num_encoder_layers, self.args.num_layers), h, x0, list(skips), ctx, input_ids)
+        return x, decode
+
+    def hidden_states(self, input_ids: Tensor, ctx: ForwardContext | None = None) -> Tensor:
+        ctx = ForwardContext() if ctx is None else ctx
+        mid, decode = self.encode(input_ids, ctx)
+        x = capsule_decode(self, mid, decode, ctx).hidden if self.args.capsule_enabled else decode(mid)
+        if self.args.architecture != "transformer" and self.args.skc_spectral_weight > 0 and self.training:
+            ctx.aux_losses.append(self.args.skc_spectral_weight * skc_spectral_loss(self, input_ids.size(1)))
+        return rms_norm(x)
+
+    def run_layers(self, layers: range, x: Tensor, x0: Tensor, skips: list[Tensor], ctx: ForwardContext,
+                   input_ids: Tensor | None) -> Tensor:
+        """Blocks `layers` in order: an encoder block pushes a skip, a decoder block pops one. With depth recurrence
+        active, the band re-runs RECURRENCE_DEPTH more times after its last layer."""
+        for i in layers:
             if self.args.engram_enabled and i == self.args.engram_layer:
                 x = x + self.engram(input_ids, x)
             if i >= self.num_encoder_layers and skips:
                 x = x + self.skip_weights[i - self.num_encoder_layers].to(x.dtype) * skips.pop()
-            x = block(x, x0, ctx)
+            x = self.blocks[i](x, x0, ctx)
+            if self.args.recurrence_depth and self.recurrence_active and i == self.recurrence_band[-1]:
+                for _ in range(self.args.recurrence_depth):
+                    for j in self.recurrence_band:
+                        x = self.blocks[j](x, x0, ctx)
             if i < self.num_encoder_layers:
                 skips.append(x)
-        return rms_norm(x)
+        return x
 
     def logits(self, hidden: Tensor) -> Tensor:
         if self.lm_head is not None:
@@ -1647,7 +2058,8 @@ def build_optimizers(model: nn.Module, args: Hyperparameters, fused: bool,
     adam_groups = []
     embed_lr = args.tied_embed_lr if args.tie_embeddings else args.embed_lr
     for kind, lr, decay in (("embed", embed_lr, args.embed_weight_decay), ("head", args.head_lr, args.embed_weight_decay),
-                            ("scalar", args.scalar_lr, 0.0), ("hash_table", args.engram_lr, 0.0)):
+                            ("scalar", args.scalar_lr, 0.0), ("hash_table", args.engram_lr, 0.0),
+                            ("koopman", args.koopman_lr, 0.0)):
         if groups[kind]:
             adam_groups.append(dict(params=[params[n] for n in groups[kind]], lr=lr, base_lr=lr, weight_decay=decay,
                                     kind=kind))
@@ -1915,9 +2327,20 @@ def optimizer_step(compiled: nn.Module, model: nn.Module, loader: DistributedTok
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_norm)
     for opt in optimizers:
         opt.step()
+    if args.koopman_enabled:  # a contraction after every step
+        model.koopman.clamp_()
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     return loss, router_stats
+
+
+def set_training_phase(model: GPT, args: Hyperparameters, step: int, recurrent: bool) -> None:
+    """The step's graph: depth recurrence once the clock has reached RECURRENCE_START_FRACTION, feedback passes on
+    every FEEDBACK_EVERY-th step. Each combination is one fixed graph (compiled once, during the warm-up)."""
+    if args.recurrence_depth:
+        model.recurrence_active = recurrent
+    if args.feedback_passes:
+        model.feedback_active = step % args.feedback_every == 0
 
 
 class StopVote:
@@ -1931,8 +2354,9 @@ class StopVote:
     """
 
     STOP_REASONS = ("time_up", "non_finite_loss", "sigterm")
-    # the vote also carries CHECKPOINT_EVERY_SECONDS' clock and the MoE start (switches every rank makes together)
-    FLAGS = STOP_REASONS + ("checkpoint_due", "moe_start")
+    # the vote also carries CHECKPOINT_EVERY_SECONDS' clock, the MoE start and the depth recurrence start
+    # (switches every rank makes together)
+    FLAGS = STOP_REASONS + ("checkpoint_due", "moe_start", "recurrence_start")
 
     def __init__(self, rt: Runtime):
         self.rt = rt
@@ -1941,11 +2365,11 @@ class StopVote:
         self.posted_step: int | None = None
 
     def post(self, step: int, time_up: bool, loss: Tensor, sigterm: bool = False, checkpoint_due: bool = False,
-             moe_start: bool = False) -> None:
+             moe_start: bool = False, recurrence_start: bool = False) -> None:
         non_finite = (~torch.isfinite(loss)).float()
         flags = torch.stack((non_finite.new_full((), float(time_up)), non_finite,  # fills, not host copies
                              non_finite.new_full((), float(sigterm)), non_finite.new_full((), float(checkpoint_due)),
-                             non_finite.new_full((), float(moe_start))))
+                             non_finite.new_full((), float(moe_start)), non_finite.new_full((), float(recurrence_start))))
         self.rt.all_reduce(flags, op=dist.ReduceOp.MAX)
         self.host.copy_(flags, non_blocking=True)
         if self.copied is not None:
@@ -2330,6 +2754,8 @@ def train(args: Hyperparameters, rt: Runtime, log: Logger, model: GPT, val_ctx: 
             if i == 1:
                 synchronize()
                 t_warm = time.perf_counter()
+            if args.recurrence_depth or args.feedback_passes:  # alternating phases compiles each phase's graph here
+                set_training_phase(model, args, i, recurrent=i % 2 == 1 or args.recurrence_start_fraction == 0)
             optimizer_step(compiled, model, warm_loader, optimizers, args, rt, accum, micro_tokens, 0, 1.0)
         if args.warmup_steps > 1:
             synchronize()
@@ -2356,7 +2782,8 @@ def train(args: Hyperparameters, rt: Runtime, log: Logger, model: GPT, val_ctx: 
     checkpoints = Checkpointer(args, rt, log) if args.checkpoint_every or args.checkpoint_every_seconds else None
     checkpoint_due = False  # the clock's checkpoint request, as every rank read it from the vote
     router_window = router_last = None  # router figures summed since the last log line, and the latest sum
-    moe_routing = args.moe_enabled and moe_routing_started(model)  # (a resumed run may have started it)
+    moe_routing = moe_routing_started(model) if args.moe_enabled else False  # (a resumed run may have started it)
+    recurrent = args.recurrence_start_fraction == 0  # depth recurrence runs (RECURRENCE_DEPTH > 0 only)
     synchronize()
     t0 = last_log = time.perf_counter()
     status.phase = "training"
@@ -2364,7 +2791,7 @@ def train(args: Hyperparameters, rt: Runtime, log: Logger, model: GPT, val_ctx: 
     def check_vote() -> None:
         """Act on the decision posted for the previous step: fail on a non-finite loss, stop when time is up,
         checkpoint when CHECKPOINT_EVERY_SECONDS have passed, start the MoE routing."""
-        nonlocal stop_step, checkpoint_due, moe_routing
+        nonlocal stop_step, checkpoint_due, moe_routing, recurrent
         decided = vote.take()
         if decided is None:
             return
@@ -2383,6 +2810,9 @@ def train(args: Hyperparameters, rt: Runtime, log: Logger, model: GPT, val_ctx: 
             start_moe_routing(model)
             moe_routing = True
             log(f"moe: routing starts at step {step} (voted at step {decided_step}), experts upcycled from expert 0")
+        if args.recurrence_depth and reasons["recurrence_start"] and not recurrent:
+            recurrent = True
+            log(f"recurrence: depth {args.recurrence_depth} over layers {list(model.recurrence_band)} from step {step}")
 
     while True:
         if step == stop_step or (args.val_loss_every and step % args.val_loss_every == 0 and step > 0):
@@ -2399,6 +2829,8 @@ def train(args: Hyperparameters, rt: Runtime, log: Logger, model: GPT, val_ctx: 
         elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
         step_ms = elapsed_ms / step if step else warmup_step_ms
         scale = lr_scale(step, elapsed_ms, args, step_ms)
+        if args.recurrence_depth or args.feedback_passes:
+            set_training_phase(model, args, step, recurrent)
         loss, router_stats = optimizer_step(compiled, model, loader, optimizers, args, rt, accum, micro_tokens, step,
                                             scale)
         if router_stats is not None:
@@ -2423,14 +2855,16 @@ def train(args: Hyperparameters, rt: Runtime, log: Logger, model: GPT, val_ctx: 
         # routing once the training progress (the largest of the ranks' clocks) reaches MOE_START_FRACTION.
         vote.post(step, max_ms > 0 and elapsed_ms + elapsed_ms / step >= max_ms, loss, status.sigterm,
                   args.checkpoint_every_seconds > 0 and checkpoints.clock_due(),
-                  moe_start=args.moe_enabled and training_progress(step, elapsed_ms, args) >= args.moe_start_fraction)
+                  moe_start=args.moe_enabled and training_progress(step, elapsed_ms, args) >= args.moe_start_fraction,
+                  recurrence_start=args.recurrence_depth > 0 and training_progress(step, elapsed_ms, args) >=
+                  args.recurrence_start_fraction)
         on_cadence = step % args.train_log_every == 0 or step == 1
         if on_cadence or (rt.is_main and now - last_log >= PROGRESS_SECONDS):
             last_log, last_logged_loss = now, float(loss)
             log(f"{step_label(step, elapsed_ms, args)} train_loss:{last_logged_loss:.4f} lr_scale:{scale:.3f} "
                 f"tok_s:{step * tokens_per_step / (elapsed_ms / 1000.0):.0f} train_time:{elapsed_ms:.0f}ms "
                 f"step_avg:{elapsed_ms / step:.2f}ms remaining:{max(max_ms - elapsed_ms, 0.0) / 1000.0:.0f}s")
-        if on_cadence and router_window is not None:  # every rank at the same steps: the all-reduce is collective
+        if args.moe_enabled and on_cadence and router_window is not None:  # every rank at the same steps: the all-reduce is collective
             router_last, router_window = rt.all_reduce(router_window), None
             for line in router_health_lines("router_health", router_last, step):
                 log(line)
@@ -2452,6 +2886,8 @@ def train(args: Hyperparameters, rt: Runtime, log: Logger, model: GPT, val_ctx: 
     log(f"peak_mem_mib:{peak_memory_mib(rt):.0f}")
     if args.checkpoint_every or args.checkpoint_every_seconds:
         checkpoints.report()
+    if args.recurrence_depth or args.feedback_passes:
+        set_training_phase(model, args, 0, recurrent=True)  # evaluation and the exported model run the full graph
     if args.ema_decay > 0 and ema is not None:
         ema.copy_to(model)
         log(f"ema: applied decay {args.ema_decay} weights")
@@ -2562,7 +2998,12 @@ MODEL_SETTINGS = ("NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_M
                   # feature: moe
                   "MOE_ENABLED", "MOE_NUM_EXPERTS", "MOE_TOP_K", "MOE_LAYER_FRAC", "MOE_ROUTER_TEMPERATURE",
                   # feature: xsa, vrl, smear_gate, ln_scale_damping
-                  "XSA_LAST_N", "VRL_ENABLED", "SMEAR_GATE", "LN_SCALE_DAMPING")
+                  "XSA_LAST_N", "VRL_ENABLED", "SMEAR_GATE", "LN_SCALE_DAMPING",
+                  # feature: skc_mixer, capsules, koopman, feedback_passes, shared_blocks, parallel_residual, recurrence
+                  "ARCHITECTURE", "SKC_LAYERS", "SKC_CHUNK", "SKC_CONV_KERNEL", "CAPSULE_ENABLED", "CAPSULE_NUM",
+                  "CAPSULE_DIM", "KOOPMAN_ENABLED", "KOOPMAN_RANK", "FEEDBACK_PASSES", "ADAPTIVE_HALT_ENABLED",
+                  "ADAPTIVE_HALT_THRESHOLD", "SHARED_BLOCKS", "SKC_PARALLEL_RESIDUAL", "RECURRENCE_DEPTH",
+                  "RECURRENCE_LAYERS")
 CLIP_RATIOS = (1.0, 0.995, 0.99, 0.98, 0.96, 0.93, 0.9, 0.85, 0.8)
 
 

@@ -28,6 +28,7 @@ MODES = {
     "ttt_eval_engram": ({"TTT_ENABLED": 1, "TTT_SCOPE": "all", "EVAL_ENGRAM": 1, "SLIDING_EVAL_STRIDE": 6},
                         dict(kind="streaming")),
 }
+SKC_CAPSULES = {"CAPSULE_ENABLED": 1, "CAPSULE_NUM": 4, "CAPSULE_DIM": 8}
 # Every setting that changes the forward pass.
 MODEL_FLAGS = {
     "base": {},
@@ -47,7 +48,19 @@ MODEL_FLAGS = {
     "vrl": {"VRL_ENABLED": 1},
     "smear_gate": {"SMEAR_GATE": 1},
     "ln_scale_damping": {"LN_SCALE_DAMPING": 1},
+    # the SKC model (issue 9): the mixer alone, then each component on top of it
+    "skc": {"ARCHITECTURE": "skc", "SKC_CHUNK": 4},
+    "hybrid_parallel_residual": {"ARCHITECTURE": "hybrid", "SKC_CHUNK": 8, "SKC_PARALLEL_RESIDUAL": 1},
+    "skc_capsules": {"ARCHITECTURE": "skc", "SKC_CHUNK": 4, **SKC_CAPSULES},
+    "skc_koopman_feedback": {"ARCHITECTURE": "skc", "SKC_CHUNK": 8, **SKC_CAPSULES, "KOOPMAN_ENABLED": 1,
+                             "FEEDBACK_PASSES": 2},
+    "skc_adaptive_halt": {"ARCHITECTURE": "skc", "SKC_CHUNK": 4, **SKC_CAPSULES, "KOOPMAN_ENABLED": 1,
+                          "FEEDBACK_PASSES": 2, "ADAPTIVE_HALT_ENABLED": 1, "ADAPTIVE_HALT_THRESHOLD": 0.05},
+    "skc_shared_recurrence": {"ARCHITECTURE": "skc", "SKC_CHUNK": 4, "SHARED_BLOCKS": 1, "RECURRENCE_DEPTH": 1},
+    "attention_capsules_feedback": {**SKC_CAPSULES, "SKC_CHUNK": 4, "FEEDBACK_PASSES": 1},
 }
+# Models whose every token mixer is document-local (no attention layer): no prediction sees an earlier document.
+DOCUMENT_LOCAL_FLAGS = [flag for flag, settings in MODEL_FLAGS.items() if settings.get("ARCHITECTURE") == "skc"]
 
 
 def make_args(**overrides):
@@ -109,6 +122,25 @@ def test_c1_prediction_depends_only_on_earlier_tokens(mode, flag):
         for target in range(1, t + 1):
             assert torch.equal(before[target], after[target]), f"target {target} saw token {t}"
         assert not torch.equal(before[t + 1], after[t + 1]), "the perturbation must reach the next prediction"
+
+
+@pytest.mark.parametrize("mode, flag", [(mode, flag) for mode in ("chunked", "sliding") for flag in DOCUMENT_LOCAL_FLAGS])
+def test_document_local_models_never_see_an_earlier_document(mode, flag):
+    """A perturbation inside a document leaves every prediction after the next BOS bit-identical. (Streaming modes
+    are left out: test-time training learns from earlier chunks, which is legal and crosses documents.)"""
+    args = make_args(**MODES[mode][0], **MODEL_FLAGS[flag])
+    model = make_model(args)
+    tokens = make_stream()
+    before, _ = distributions(model, tokens, mode, args)
+    bos = np.flatnonzero(tokens == train_gpt.BOS_ID)
+    for doc_start, next_start in ((0, 23), (24, 61), (61, 100)):
+        changed = tokens.copy()
+        inner = np.arange(doc_start + 1, next_start)
+        changed[inner] = (tokens[inner].astype(int) + 11) % (VOCAB - 4) + 4
+        after, _ = distributions(model, changed, mode, args)
+        assert next_start in bos
+        assert all(torch.equal(before[t], after[t]) for t in range(next_start + 1, NUM_TARGETS + 1)), (flag, doc_start)
+        assert not torch.equal(before[next_start], after[next_start])
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -189,9 +221,30 @@ def smeared_embeddings(tokens):
         return model.smear(F.embedding(ids, model.tok_emb.weight), ids)[0]
 
 
+def skc_state(component):
+    """Per-position output of an SKC component over the whole stream as one sequence (150 positions: not a multiple
+    of the scan chunk, so the padded tail is exercised too)."""
+    def state(tokens):
+        args = make_args(ARCHITECTURE="skc", SKC_CHUNK=4, **SKC_CAPSULES, KOOPMAN_ENABLED=1, KOOPMAN_RANK=2)
+        torch.manual_seed(0)
+        table = torch.randn(VOCAB, args.model_dim)
+        mixer, capsules, koopman = train_gpt.SKCMixer(args), train_gpt.CapsuleBank(args), train_gpt.KoopmanDynamics(args)
+        with torch.no_grad():
+            koopman.left.normal_()  # a low-rank part that mixes capsule channels
+        ids = torch.from_numpy(tokens[:-1].astype(np.int64)).unsqueeze(0)
+        ctx = train_gpt.ForwardContext()
+        ctx.doc_starts = train_gpt.document_starts(ids)
+        with torch.no_grad():
+            if component == "capsules_koopman":
+                return koopman(capsules.summarize(table[ids], ctx.doc_starts))[0]
+            return mixer(table[ids], ctx)[0]
+    return state
+
+
 BOS_RESET_STATE = {**{f"eval_engram_order{n}": eval_engram_keys(n) for n in (2, 3, 4)},
                    **{f"engram_hash_{o}x{h}": engram_memory(o, h) for o, h in ((1, 1), (2, 2), (3, 2), (4, 1))},
-                   "smear_gate": smeared_embeddings}
+                   "smear_gate": smeared_embeddings,
+                   **{f"skc_{part}": skc_state(part) for part in ("scan_and_conv", "capsules_koopman")}}
 
 
 @pytest.mark.parametrize("component", BOS_RESET_STATE)

@@ -152,7 +152,7 @@ def hand_routed_stats():
     """4 tokens over 2 experts: top-1 choices 0, 0, 0, 1."""
     probs = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.7, 0.3], [0.2, 0.8]])
     top = probs.topk(1, dim=-1).indices
-    return train_gpt.router_stats(probs, top, torch.tensor(1.25)), probs
+    return train_gpt.router_stats_row(probs, top, torch.tensor(1.25)), probs
 
 
 def test_router_health_on_a_hand_built_routing_equals_hand_computed_figures():
@@ -171,7 +171,7 @@ def test_router_health_on_a_hand_built_routing_equals_hand_computed_figures():
 
 def test_collapse_flag_fires_on_a_forced_collapse_and_names_the_levers():
     probs = torch.tensor([[0.97, 0.01, 0.02]] * 10)
-    row = train_gpt.router_stats(probs, probs.topk(1, dim=-1).indices, torch.tensor(2.9))
+    row = train_gpt.router_stats_row(probs, probs.topk(1, dim=-1).indices, torch.tensor(2.9))
     lines = train_gpt.router_health_lines("router_health", row[None], step=7)
     assert re.search(r"max_frac_max:1\.0000 .*active_min:1 collapsed:1", lines[1])
     assert "MOE_ROUTER_AUX_LOSS_COEF" in lines[2] and "SCALAR_LR" in lines[2] and "MOE_ROUTER_TEMPERATURE" in lines[2]
