@@ -115,7 +115,7 @@ def test_a_training_step_reads_nothing_back_from_the_device(tiny_data, host_read
         vote.post(step + 1, False, loss)
     assert host_reads == [], "host reads inside the training step"
     assert vote.take() == (3, {"time_up": False, "non_finite_loss": False, "sigterm": False, "checkpoint_due": False,
-                               "moe_start": False})
+                               "moe_start": False, "recurrence_start": False})
     assert [name for name, _ in host_reads] == ["take"] and vote.take() is None
 
 
@@ -123,4 +123,4 @@ def test_stop_vote_reports_a_non_finite_loss_and_the_clock():
     vote = train_gpt.StopVote(train_gpt.Runtime(0, 1, 0, torch.device("cpu"), False))
     vote.post(7, True, torch.tensor(float("nan")))
     assert vote.take() == (7, {"time_up": True, "non_finite_loss": True, "sigterm": False, "checkpoint_due": False,
-                               "moe_start": False})
+                               "moe_start": False, "recurrence_start": False})
