@@ -894,11 +894,30 @@ def run_eval_mode(model: GPT, ctx: StreamContext, options: dict, args: Hyperpara
 # -----------------------------------------------------------------------------
 # Main
 # -----------------------------------------------------------------------------
+OPENBLAS_PRELOAD = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
+
+
+def cpu_blas_line(on_gpu: bool, system: str, environ: dict[str, str]) -> str | None:
+    """Which BLAS the CPU matmuls run on, where that matters: the mlx[cpu] wheel for Linux bundles the reference
+    BLAS (unoptimised, one core), and MLX calls the first cblas_sgemm the process's global scope offers, so an
+    optimised BLAS named in LD_PRELOAD replaces it (bench/README.md has the measurement)."""
+    if on_gpu or system != "Linux":
+        return None  # Metal, or macOS's Accelerate
+    preloaded = [Path(lib).name for lib in environ.get("LD_PRELOAD", "").replace(":", " ").split()
+                 if "blas" in Path(lib).name or "mkl" in Path(lib).name]
+    if preloaded:
+        return f"cpu_blas:{','.join(preloaded)} (LD_PRELOAD)"
+    return ("WARNING: cpu_blas:reference (the BLAS bundled with mlx[cpu] on Linux: one core, about a twentieth of "
+            f"train_gpt.py's speed); preload an optimised one, e.g. LD_PRELOAD={OPENBLAS_PRELOAD} "
+            "(Debian/Ubuntu package libopenblas0-pthread)")
+
+
 def environment_lines(dtype: mx.Dtype, why: str) -> list[str]:
+    blas = cpu_blas_line(mx.default_device().type == mx.DeviceType.gpu, platform.system(), dict(os.environ))
     return [f"python:{platform.python_version()} mlx:{mx.__version__} numpy:{np.__version__} torch:{torch.__version__} "
             "(torch: initial weights, export and score bookkeeping only)",
             f"platform:{platform.platform()} cpu_count:{os.cpu_count()} world_size:1 device:{mx.default_device()}",
-            f"compute_dtype:{str(dtype).split('.')[-1]} ({why})"]
+            f"compute_dtype:{str(dtype).split('.')[-1]} ({why})"] + ([blas] if blas else [])
 
 
 def main(environ: dict[str, str] | None = None) -> None:

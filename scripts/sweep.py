@@ -94,11 +94,12 @@ def load_manifest(path: str | Path) -> Manifest:
 
 
 def plan_runs(manifest: Manifest, out_dir: Path) -> list[Run]:
-    """Every (config, seed) run with its log path and full environment."""
+    """Every (config, seed) run with its log path and full environment, seed-major: every config runs
+    once before any runs twice, so a slow drift of the machine's speed falls on all configs alike."""
     runs_dir = out_dir / "runs"
     runs = []
-    for config in manifest.configs:
-        for seed in manifest.seeds:
+    for seed in manifest.seeds:
+        for config in manifest.configs:
             run_id = f"{config.name}_seed{seed}"
             identity = {"SEED": seed, "RUN_ID": run_id, "LOG_DIR": str(runs_dir)}
             env = trainrun.run_env(manifest.base, {**config.overrides, **identity}, defaults=manifest.env)
@@ -176,20 +177,34 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
+def verdict(delta: float | None, delta_se: float | None) -> str:
+    """The decision rule of the developers' guide: a gain counts only beyond 2 standard errors."""
+    if delta is None or delta_se is None:
+        return "—"
+    if abs(delta) <= 2 * delta_se:
+        return "within 2σ"
+    return "better beyond 2σ" if delta < 0 else "worse beyond 2σ"
+
+
 def aggregate(rows: list[dict], config_names: list[str], reference: str) -> list[dict]:
     """Per config, in manifest order: runs, mean ± std val_bpb, delta vs the reference, means of the rest."""
     by_config = {name: [row for row in rows if row["config"] == name] for name in config_names}
-    reference_bpb, _ = mean_std([row["val_bpb"] for row in by_config[reference]])
+    reference_bpb, reference_std = mean_std([row["val_bpb"] for row in by_config[reference]])
     summaries = []
     for name, config_rows in by_config.items():
         bpb_mean, bpb_std = mean_std([row["val_bpb"] for row in config_rows])
         delta = bpb_mean - reference_bpb if bpb_mean is not None and reference_bpb is not None else None
+        delta_se = None  # the standard error of the difference of the two means (unpaired)
+        if name != reference and bpb_std is not None and reference_std is not None:
+            delta_se = (bpb_std ** 2 / len(config_rows) + reference_std ** 2 / len(by_config[reference])) ** 0.5
         summaries.append({
             "config": name,
             "runs": len(config_rows),
             "val_bpb_mean": bpb_mean,
             "val_bpb_std": bpb_std,
             "delta_vs_reference": delta,
+            "delta_se": delta_se,
+            "verdict": verdict(delta, delta_se),
             "val_loss_mean": mean_std([row["val_loss"] for row in config_rows])[0],
             "steps_mean": mean_std([row["steps"] for row in config_rows])[0],
             "tok_s_mean": mean_std([row["tok_s"] for row in config_rows])[0],
@@ -208,13 +223,16 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 def markdown_table(summaries: list[dict], reference: str) -> str:
     fmt = runlog.fmt
-    lines = [f"| config | runs | val_bpb (mean ± std) | Δ vs {reference} | val_loss | steps | tok/s | max total bytes |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"| config | runs | val_bpb (mean ± std) | Δ vs {reference} | 2 SE of Δ | verdict | val_loss | steps | tok/s "
+             "| max total bytes |",
+             "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     for s in summaries:
         bpb = fmt(s["val_bpb_mean"], ".4f") + ("" if s["val_bpb_std"] is None else f" ± {s['val_bpb_std']:.4f}")
         if s["partial_validation"]:
             bpb += " (partial val)"
-        cells = [s["config"], str(s["runs"]), bpb, fmt(s["delta_vs_reference"], "+.4f"), fmt(s["val_loss_mean"], ".4f"),
+        two_se = None if s["delta_se"] is None else 2 * s["delta_se"]
+        cells = [s["config"], str(s["runs"]), bpb, fmt(s["delta_vs_reference"], "+.4f"), fmt(two_se, ".4f"), s["verdict"],
+                 fmt(s["val_loss_mean"], ".4f"),
                  fmt(s["steps_mean"], ".0f"), fmt(s["tok_s_mean"], ",.0f"), fmt(s["total_bytes_max"], ",d")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -282,6 +282,14 @@ def test_compute_dtype_is_float32_on_a_cpu_and_overridable(tiny_data):
     assert abs(float(bf16_ce) - float(ce)) < 0.05
 
 
+def test_the_cpu_blas_line_names_a_preloaded_blas_or_warns_about_the_reference_one():
+    preload = {"LD_PRELOAD": "/opt/lib/libjemalloc.so.2:/usr/lib/openblas-pthread/libopenblas.so.0"}
+    assert twin.cpu_blas_line(False, "Linux", preload) == "cpu_blas:libopenblas.so.0 (LD_PRELOAD)"
+    warning = twin.cpu_blas_line(False, "Linux", {"LD_PRELOAD": "/opt/lib/libjemalloc.so.2"})
+    assert warning.startswith("WARNING: cpu_blas:reference") and twin.OPENBLAS_PRELOAD in warning
+    assert twin.cpu_blas_line(True, "Linux", {}) is None and twin.cpu_blas_line(False, "Darwin", {}) is None
+
+
 def test_the_twin_runs_on_one_device_only(tiny_data, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(train_gpt.ConfigError, match="one device"):

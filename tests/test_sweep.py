@@ -64,7 +64,15 @@ def test_aggregate_gives_mean_std_and_delta_vs_reference():
     assert leaky["delta_vs_reference"] == pytest.approx(-0.03) and leaky["total_bytes_max"] == 120
     assert missing["runs"] == 0 and missing["val_bpb_mean"] is None and missing["delta_vs_reference"] is None
     table = sweep.markdown_table([ref, leaky, missing], "ref")
-    assert "| leaky | 2 | 1.4800 ± 0.0141 | -0.0300 |" in table and "| missing | 0 | — | — |" in table
+    assert "| leaky | 2 | 1.4800 ± 0.0141 | -0.0300 | 0.0283 | better beyond 2σ |" in table
+    assert "| missing | 0 | — | — | — | — |" in table and "| ref | 2 | 1.5100 ± 0.0141 | +0.0000 | — | — |" in table
+
+
+def test_verdict_counts_a_gain_only_beyond_two_standard_errors():
+    assert sweep.verdict(-0.03, 0.01) == "better beyond 2σ"
+    assert sweep.verdict(-0.02, 0.01) == "within 2σ" and sweep.verdict(0.015, 0.01) == "within 2σ"
+    assert sweep.verdict(0.05, 0.01) == "worse beyond 2σ"
+    assert sweep.verdict(-0.5, None) == "—"  # one seed: no standard error, no verdict
 
 
 def test_single_seed_has_no_std():
