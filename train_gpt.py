@@ -1284,6 +1284,13 @@ class ForwardContext:
         self.router_stats: list[Tensor] = []  # one ROUTER_STATS row per routing layer (MoE)
 
 
+def document_starts(input_ids: Tensor) -> Tensor:
+    """[B, T] index of the most recent BOS at or before each position (0 when the window holds none): the first
+    position a document-local state may read. EngramHash keys, scan, convolution and capsule state stop there."""
+    positions = torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)
+    return torch.cummax(torch.where(input_ids == BOS_ID, positions, torch.zeros_like(positions)), dim=1).values
+
+
 class ModelAux(NamedTuple):
     loss: Tensor  # the sum of the auxiliary objective terms (0 without any)
     router_stats: Tensor | None  # [routing layers, ROUTER_STATS width], detached
@@ -1382,9 +1389,8 @@ class EngramHash(nn.Module):
     def order_validity(self, input_ids: Tensor) -> Tensor:
         """[B, T, orders]: whether the n-gram ending at t lies inside t's document and the window."""
         positions = torch.arange(input_ids.size(1), device=input_ids.device)
-        doc_start = torch.where(input_ids == BOS_ID, positions, 0).cummax(dim=1).values
         spans = torch.arange(1, self.num_orders + 1, device=input_ids.device)  # an n-gram reaches back n-1 tokens
-        return (positions[None, :, None] - spans) >= doc_start.unsqueeze(-1)
+        return (positions[None, :, None] - spans) >= document_starts(input_ids).unsqueeze(-1)
 
     def bucket_ids(self, input_ids: Tensor) -> Tensor:
         """[B, T, orders*heads] bucket of each table (order-major), by a loop over orders, heads and tokens."""
@@ -1556,13 +1562,6 @@ def start_moe_routing(model: nn.Module) -> None:
         if isinstance(module, TernaryMoE):
             module.start_routing()
 # --- end feature: moe ---
-
-
-def document_starts(input_ids: Tensor) -> Tensor:
-    """[B, T] index of the most recent BOS at or before each position (0 when the window holds none): the first
-    position a document-local state may read. Scan, convolution and capsule state never reach before it."""
-    positions = torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)
-    return torch.cummax(torch.where(input_ids == BOS_ID, positions, torch.zeros_like(positions)), dim=1).values
 
 
 def document_scan(u: Tensor, log_decay: Tensor, doc: Tensor, chunk: int) -> Tensor:

@@ -43,7 +43,7 @@ def main() -> int:
     env = trainrun.run_env(trainrun.REPO_ROOT / "configs" / "cpu_proxy.env", {})
     args = twin.Hyperparameters(env).replace({"VOCAB_SIZE": 1024})
     rows, seq, dim, heads, kv_heads = 32, args.train_seq_len, args.model_dim, args.num_heads, args.num_kv_heads
-    head_dim, tokens = dim // heads, rows * args.train_seq_len
+    head_dim, tokens = dim // heads, rows * seq
 
     x_mx, w_mx = mx.random.normal((tokens, dim)), mx.random.normal((3 * dim, dim))
     x_pt, w_pt = torch.randn(tokens, dim), torch.randn(3 * dim, dim)
