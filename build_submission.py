@@ -664,6 +664,8 @@ def tiny_env(module, raw_config: dict[str, str], data, steps: int, run_dir: Path
                EVAL_ARTIFACT="", EVAL_DUMP_TOKEN_LOSSES="")
     if configured.vocab_size:
         env["VOCAB_SIZE"] = str(data.sp.vocab_size())
+    if getattr(configured, "engram_enabled", False):  # its layer must stay an encoder block of the tiny model
+        env["ENGRAM_LAYER"] = str(min(configured.engram_layer, int(env["NUM_LAYERS"]) // 2 - 1))
     if configured.attn_backend != "auto":
         env["ATTN_BACKEND"] = "sdpa"
     env = {name: value for name, value in env.items() if name in settings or name in module.REMOVED_SETTINGS}

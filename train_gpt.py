@@ -32,7 +32,7 @@ import uuid
 import zlib
 from datetime import timedelta
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -1177,10 +1177,17 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, rope_dims, 2).float() / rope_dims), persistent=False)
         self._cache: tuple[int, torch.device, Tensor, Tensor] | None = None
 
+    def tables(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), self.inv_freq.to(device))
+        return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
+
     def cos_sin(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Cached per length and device eagerly; computed in the graph under torch.compile, where filling the
+        cache would change what the graph was guarded on and recompile it on the next call."""
+        if torch.compiler.is_compiling():
+            return self.tables(seq_len, device)
         if self._cache is None or self._cache[0] != seq_len or self._cache[1] != device:
-            freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), self.inv_freq.to(device))
-            self._cache = (seq_len, device, freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :])
+            self._cache = (seq_len, device, *self.tables(seq_len, device))
         return self._cache[2], self._cache[3]
 
     def forward(self, x: Tensor) -> Tensor:  # x: [B, T, H, D]
@@ -3487,6 +3494,33 @@ class EvalEngram:
 # --- end feature: eval_engram ---
 
 
+def window_hidden(model: GPT, input_ids: Tensor) -> Tensor:
+    return model.hidden_states(input_ids)
+
+
+def row_losses(model: GPT, rows: Tensor, targets: Tensor) -> Tensor:
+    return token_losses(model.logits(rows), targets)
+
+
+class ScoringForward(NamedTuple):
+    """The two calls of a scoring pass: hidden states of a batch of windows, then the losses of the rows kept.
+    Compiled, each takes the model as an argument, so its graphs serve the trained model, the reloaded artifact
+    and TTT's copy of it; hidden runs on one fixed shape (score_windows pads the last batch), losses on any
+    number of rows (sliding windows keep a varying count)."""
+    hidden: Callable[[GPT, Tensor], Tensor]
+    losses: Callable[[GPT, Tensor, Tensor], Tensor]
+    compiled: bool
+
+
+EAGER_SCORING = ScoringForward(window_hidden, row_losses, False)
+
+
+def scoring_forward(compiled: bool) -> ScoringForward:
+    if not compiled:
+        return EAGER_SCORING
+    return ScoringForward(torch.compile(window_hidden, dynamic=False), torch.compile(row_losses, dynamic=True), True)
+
+
 class StreamContext(NamedTuple):
     """The validation stream on the device, with what every scoring pass needs beside the model."""
     val: Tensor  # int64 [N+1]
@@ -3494,17 +3528,21 @@ class StreamContext(NamedTuple):
     tables: ByteTables
     seq_len: int
     batch_windows: int
+    forward: ScoringForward = EAGER_SCORING
 
     @property
     def num_targets(self) -> int:
         return self.val.numel() - 1
 
 
-def stream_context(val_tokens: np.ndarray, tables: ByteTables, seq_len: int, batch_tokens: int, rt: Runtime) -> StreamContext:
+def stream_context(val_tokens: np.ndarray, tables: ByteTables, seq_len: int, batch_tokens: int, rt: Runtime,
+                   compiled: bool = False) -> StreamContext:
+    """compiled: score through torch.compile'd forwards (MODEL_COMPILE; on by default on CUDA)."""
     val = torch.from_numpy(val_tokens.astype(np.int64)).to(rt.device)
     positions = torch.arange(val.numel(), device=rt.device)
     last_bos = torch.cummax(torch.where(val == BOS_ID, positions, torch.full_like(positions, -1)), dim=0).values
-    return StreamContext(val, last_bos, tables, seq_len, max(1, batch_tokens // (rt.world_size * seq_len)))
+    return StreamContext(val, last_bos, tables, seq_len, max(1, batch_tokens // (rt.world_size * seq_len)),
+                         scoring_forward(compiled))
 
 
 @torch.no_grad()
@@ -3519,23 +3557,25 @@ def score_windows(model: GPT, ctx: StreamContext, windows: list[Window], rt: Run
     offsets = torch.arange(ctx.seq_len, device=rt.device)
     for i in range(0, len(windows), ctx.batch_windows):
         group = windows[i:i + ctx.batch_windows]
-        starts = torch.tensor([w.start for w in group], device=rt.device)
+        padding = ctx.batch_windows - len(group) if ctx.forward.compiled else 0  # one shape, one compiled graph
+        starts = torch.tensor([w.start for w in group] + [group[-1].start] * padding, device=rt.device)
         with rt.autocast():
-            hidden = model.hidden_states(ctx.val[starts[:, None] + offsets])
+            hidden = ctx.forward.hidden(model, ctx.val[starts[:, None] + offsets])[:len(group)]
         rows = hidden.reshape(-1, hidden.size(-1))
+        starts = starts[:len(group)]
         targets = (starts[:, None] + 1 + offsets).reshape(-1)
         first = np.array([w.first - w.start - 1 for w in group])[:, None]
         end = np.array([w.end - w.start - 1 for w in group])[:, None]
         keep = ((span >= first) & (span < end)).reshape(-1)
-        if not keep.all():
+        if not keep.all() or ctx.forward.compiled:  # compiled: always a gathered copy, never a view (one graph)
             index = torch.from_numpy(np.flatnonzero(keep)).to(rt.device)
             rows, targets = rows[index], targets[index]
-        with rt.autocast():
-            logits = model.logits(rows).float()
         if engram is None and observer is None:
-            losses.append(token_losses(logits, ctx.val[targets]))
+            with rt.autocast():
+                losses.append(ctx.forward.losses(model, rows, ctx.val[targets]))
         else:
-            logp = torch.log_softmax(logits, dim=-1)
+            with rt.autocast():
+                logp = torch.log_softmax(model.logits(rows).float(), dim=-1)
             if engram is not None:
                 logp = engram.mix(logp, ctx.val, ctx.last_bos, targets)
             if observer is not None:
@@ -3686,15 +3726,22 @@ def dump_token_losses(path: str, part: ScoredTargets, rt: Runtime) -> None:
 
 
 def warm_up_eval(model: GPT, ctx: StreamContext, args: Hyperparameters, rt: Runtime) -> None:
-    """Run the eval graphs once on synthetic tokens (never validation tokens): a forward, and for TTT a
-    backward whose gradients are dropped. No optimizer steps, so the weights are unchanged."""
-    synthetic = torch.randint(0, model.tok_emb.num_embeddings, (min(ctx.batch_windows, 2), ctx.seq_len),
-                              generator=torch.Generator().manual_seed(0)).to(rt.device)
-    with torch.no_grad(), rt.autocast():
-        model(synthetic)
+    """Run the eval graphs once on synthetic tokens (never validation tokens): the scoring forward at the shape
+    it scores with (so a compiled one compiles here, outside the timed pass), and for TTT a backward whose
+    gradients are dropped. No optimizer steps, so the weights are unchanged."""
+    windows = ctx.batch_windows if ctx.forward.compiled else min(ctx.batch_windows, 2)
+    targets = windows * ctx.seq_len
+    stream = torch.randint(0, model.tok_emb.num_embeddings, (targets + 1,),
+                           generator=torch.Generator().manual_seed(0)).to(rt.device)
+    was_training = model.training
+    model.eval()
+    score_windows(model, ctx._replace(val=stream, last_bos=torch.full_like(stream, -1)),
+                  plan_windows(1, targets + 1, targets, ctx.seq_len, ctx.seq_len), rt)
+    model.train(was_training)
     if args.ttt_enabled:
+        batch = stream[:min(windows, 2) * ctx.seq_len].view(-1, ctx.seq_len)
         with rt.autocast():
-            token_losses(model(synthetic), synthetic).mean().backward()
+            token_losses(model(batch), batch).mean().backward()
         model.zero_grad(set_to_none=True)
 
 
@@ -3995,9 +4042,10 @@ def run(args: Hyperparameters, rt: Runtime, log: Logger, status: RunStatus) -> N
             "val_bpb below is not the competition figure")
     backend, flash_fn = select_attention_backend(args.attn_backend, rt.device)
     log(f"attn_backend:{backend}")
-    train_ctx = stream_context(val_tokens, tables, args.train_seq_len, args.val_batch_size, rt)
+    compiled = use_compile(args, rt)
+    train_ctx = stream_context(val_tokens, tables, args.train_seq_len, args.val_batch_size, rt, compiled)
     eval_ctx = train_ctx if args.eval_len == args.train_seq_len else stream_context(
-        val_tokens, tables, args.eval_len, args.val_batch_size, rt)
+        val_tokens, tables, args.eval_len, args.val_batch_size, rt, compiled)
     if args.eval_artifact:
         log(f"eval_artifact:{args.eval_artifact} (no training)")
         (config, records), read_ms = inputs.artifact, inputs.artifact_read_ms
@@ -4019,6 +4067,7 @@ def run(args: Hyperparameters, rt: Runtime, log: Logger, status: RunStatus) -> N
             log(f"post_training_time:{fit_ms:.0f}ms total_training_time:{summary['train_ms'] + fit_ms:.0f}ms "
                 f"of MAX_WALLCLOCK_SECONDS={args.max_wallclock_seconds}")
         status.phase = "evaluation"
+        warm_up_eval(model, eval_ctx, args, rt)
         log_eval(log, "final_prequant", lambda progress: evaluate_windows(model, eval_ctx, args.eval_len, rt,
                                                                           progress=progress), rt, args)
         status.phase = "export"

@@ -7,9 +7,9 @@
     python -m bench.mlx_twin --mlx-preload /usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0
                                                 # the MLX twin on OpenBLAS instead of mlx[cpu]'s reference BLAS
 
-Each twin trains configs/cpu_proxy.env (MODEL_COMPILE as the file sets it for torch; the MLX twin's
-compilation is --mlx-compile; --mlx-preload puts a library in the MLX twin's LD_PRELOAD, and only in its own,
-so the torch twin runs as it always does), then each evaluates the other's artifact (EVAL_ARTIFACT). Prints tokens/s,
+Each twin trains configs/cpu_proxy.env without EngramHash, which the MLX twin lacks (MODEL_COMPILE as the
+file sets it for torch; the MLX twin's compilation is --mlx-compile; --mlx-preload puts a library in the MLX
+twin's LD_PRELOAD, and only in its own, so the torch twin runs as it always does), then each evaluates the other's artifact (EVAL_ARTIFACT). Prints tokens/s,
 steps, round-trip val_bpb, model bytes, and the val_bpb each twin gives each artifact; writes
 bench/out/mlx_twin_<timestamp>.json. Time it alone on the machine: figures taken while anything else runs
 say nothing about either twin.
@@ -30,6 +30,7 @@ REPO_ROOT = trainrun.REPO_ROOT
 OUT_DIR = REPO_ROOT / "bench" / "out"
 DATA_DIR = OUT_DIR / "proxy_data"
 ENV_FILE = REPO_ROOT / "configs" / "cpu_proxy.env"
+TWIN_SETTINGS = {"ENGRAM_ENABLED": 0}  # the MLX twin has no EngramHash: both twins train the model it has
 TRAINERS = {"torch": "train_gpt.py", "mlx": "train_gpt_mlx.py"}
 
 
@@ -38,7 +39,8 @@ def run(trainer: str, run_id: str, overrides: dict, preload: str = "") -> Path:
     log_path = OUT_DIR / "logs" / f"{run_id}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = trainrun.run_env(ENV_FILE, {"DATA_PATH": str(DATA_DIR), "TOKENIZER_PATH": str(DATA_DIR / "tokenizer.model"),
-                                      "RUN_ID": run_id, "LOG_DIR": str(OUT_DIR / "logs"), **overrides})
+                                      "RUN_ID": run_id, "LOG_DIR": str(OUT_DIR / "logs"), **TWIN_SETTINGS,
+                                      **overrides})
     if trainer == "mlx" and preload:
         env["LD_PRELOAD"] = " ".join(filter(None, (env.get("LD_PRELOAD", ""), preload)))
     print(f"== {TRAINERS[trainer]} {run_id}: log {log_path}", flush=True)

@@ -90,6 +90,28 @@ def test_val_bpb_of_a_uniform_model_is_exact(tiny_data):
     assert totals.val_bpb == pytest.approx((stream.size - 1) * math.log(vocab) / math.log(2) / expected_bytes, rel=1e-6)
 
 
+def test_compiled_scoring_gives_the_eager_score_with_one_graph_per_shape(tiny_data):
+    """MODEL_COMPILE scores through torch.compile: the same per-target losses as eager, plain and sliding, and
+    the padded last batch reuses the warmed-up graph (no compilation inside the timed pass)."""
+    args = train_gpt.Hyperparameters(tiny_data.env(MODEL_DIM=32, TERNARY_GROUP_SIZE=16))
+    vocab = tiny_data.sp.vocab_size()
+    torch.manual_seed(0)
+    model = train_gpt.GPT(args, vocab)
+    stream = document_stream(tiny_data.sp, tiny_data.val_docs)[:16 * 7 + 1]  # 7 windows: batches of 3, 3 and 1
+    rt = train_gpt.Runtime(0, 1, 0, torch.device("cpu"), False)
+    tables = train_gpt.build_byte_tables(tiny_data.sp, vocab, rt.device)
+    eager = train_gpt.stream_context(stream, tables, 16, 3 * 16, rt)
+    compiled = train_gpt.stream_context(stream, tables, 16, 3 * 16, rt, compiled=True)
+    torch._dynamo.reset()
+    train_gpt.warm_up_eval(model, compiled, args, rt)
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for stride in (16, 4):
+        want = train_gpt.evaluate_windows(model, eager, stride, rt)
+        got = train_gpt.evaluate_windows(model, compiled, stride, rt)
+        assert torch.equal(got.targets, want.targets)
+        torch.testing.assert_close(got.losses, want.losses, rtol=1e-5, atol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames
+
 # --- model and optimizers ----------------------------------------------------------------------------------------
 
 def test_ternary_forward_weights_take_three_values_per_group():
