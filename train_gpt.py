@@ -3725,10 +3725,9 @@ def dump_token_losses(path: str, part: ScoredTargets, rt: Runtime) -> None:
     rt.barrier()
 
 
-def warm_up_eval(model: GPT, ctx: StreamContext, args: Hyperparameters, rt: Runtime) -> None:
-    """Run the eval graphs once on synthetic tokens (never validation tokens): the scoring forward at the shape
-    it scores with (so a compiled one compiles here, outside the timed pass), and for TTT a backward whose
-    gradients are dropped. No optimizer steps, so the weights are unchanged."""
+def warm_up_scoring(model: GPT, ctx: StreamContext, rt: Runtime) -> int:
+    """Score synthetic tokens (never validation tokens) at the batch shape scoring uses, so that a compiled scoring
+    forward compiles here, outside the timed pass; returns the number of windows scored."""
     windows = ctx.batch_windows if ctx.forward.compiled else min(ctx.batch_windows, 2)
     targets = windows * ctx.seq_len
     stream = torch.randint(0, model.tok_emb.num_embeddings, (targets + 1,),
@@ -3738,8 +3737,16 @@ def warm_up_eval(model: GPT, ctx: StreamContext, args: Hyperparameters, rt: Runt
     score_windows(model, ctx._replace(val=stream, last_bos=torch.full_like(stream, -1)),
                   plan_windows(1, targets + 1, targets, ctx.seq_len, ctx.seq_len), rt)
     model.train(was_training)
+    return windows
+
+
+def warm_up_eval(model: GPT, ctx: StreamContext, args: Hyperparameters, rt: Runtime) -> None:
+    """Run the eval graphs once on synthetic tokens: the scoring forward, and for TTT a backward whose gradients
+    are dropped. No optimizer steps, so the weights are unchanged."""
+    windows = warm_up_scoring(model, ctx, rt)
     if args.ttt_enabled:
-        batch = stream[:min(windows, 2) * ctx.seq_len].view(-1, ctx.seq_len)
+        batch = torch.randint(0, model.tok_emb.num_embeddings, (min(windows, 2), ctx.seq_len),
+                              generator=torch.Generator().manual_seed(0)).to(rt.device)
         with rt.autocast():
             token_losses(model(batch), batch).mean().backward()
         model.zero_grad(set_to_none=True)
@@ -4067,7 +4074,8 @@ def run(args: Hyperparameters, rt: Runtime, log: Logger, status: RunStatus) -> N
             log(f"post_training_time:{fit_ms:.0f}ms total_training_time:{summary['train_ms'] + fit_ms:.0f}ms "
                 f"of MAX_WALLCLOCK_SECONDS={args.max_wallclock_seconds}")
         status.phase = "evaluation"
-        warm_up_eval(model, eval_ctx, args, rt)
+        if eval_ctx.forward.compiled:  # the trained weights are only scored: no TTT graph to warm up
+            warm_up_scoring(model, eval_ctx, rt)
         log_eval(log, "final_prequant", lambda progress: evaluate_windows(model, eval_ctx, args.eval_len, rt,
                                                                           progress=progress), rt, args)
         status.phase = "export"

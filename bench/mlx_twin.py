@@ -9,8 +9,9 @@
 
 Each twin trains configs/cpu_proxy.env without EngramHash, which the MLX twin lacks (MODEL_COMPILE as the
 file sets it for torch; the MLX twin's compilation is --mlx-compile; --mlx-preload puts a library in the MLX
-twin's LD_PRELOAD, and only in its own, so the torch twin runs as it always does), then each evaluates the other's artifact (EVAL_ARTIFACT). Prints tokens/s,
-steps, round-trip val_bpb, model bytes, and the val_bpb each twin gives each artifact; writes
+twin's LD_PRELOAD, and only in its own, so the torch twin runs as it always does), then each evaluates the
+other's artifact (EVAL_ARTIFACT). Prints tokens/s, steps, round-trip val_bpb, model bytes, and the val_bpb each
+twin gives each artifact; writes
 bench/out/mlx_twin_<timestamp>.json. Time it alone on the machine: figures taken while anything else runs
 say nothing about either twin.
 """

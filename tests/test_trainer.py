@@ -112,6 +112,7 @@ def test_compiled_scoring_gives_the_eager_score_with_one_graph_per_shape(tiny_da
         torch.testing.assert_close(got.losses, want.losses, rtol=1e-5, atol=1e-5)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames
 
+
 # --- model and optimizers ----------------------------------------------------------------------------------------
 
 def test_ternary_forward_weights_take_three_values_per_group():
