@@ -11,6 +11,7 @@ Configuration comes from environment variables (see Hyperparameters).
 from __future__ import annotations
 
 import copy
+import ctypes
 import difflib
 import glob
 import hashlib
@@ -1178,8 +1179,9 @@ class Rotary(nn.Module):
         self._cache: tuple[int, torch.device, Tensor, Tensor] | None = None
 
     def tables(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """cos and sin, [seq_len, rope_dims / 2]."""
         freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), self.inv_freq.to(device))
-        return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
+        return freqs.cos(), freqs.sin()
 
     def cos_sin(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """Cached per length and device eagerly; computed in the graph under torch.compile, where filling the
@@ -1190,13 +1192,21 @@ class Rotary(nn.Module):
             self._cache = (seq_len, device, *self.tables(seq_len, device))
         return self._cache[2], self._cache[3]
 
-    def forward(self, x: Tensor) -> Tensor:  # x: [B, T, H, D]
-        cos, sin = self.cos_sin(x.size(1), x.device)
-        rotated, rest = x[..., :self.rope_dims], x[..., self.rope_dims:]
-        half = self.rope_dims // 2
-        x1, x2 = rotated[..., :half], rotated[..., half:]
+    def forward(self, x: Tensor, heads_first: bool) -> Tensor:
+        """x: [B, H, T, D] when heads_first (SDPA's layout), else [B, T, H, D] (the flash kernels')."""
+        cos, sin = self.cos_sin(x.size(2) if heads_first else x.size(1), x.device)
+        if not heads_first:
+            cos, sin = cos[:, None], sin[:, None]
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
+        if self.rope_dims < x.size(-1):
+            return torch.cat((self.rotate(x[..., :self.rope_dims], cos, sin), x[..., self.rope_dims:]), dim=-1)
+        return self.rotate(x, cos, sin)  # (slicing out all of x would cost a copy in the backward)
+
+    @staticmethod
+    def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        half = x.size(-1) // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
 
 
 def select_attention_backend(requested: str, device: torch.device) -> tuple[str, object]:
@@ -1251,15 +1261,21 @@ class CausalSelfAttention(nn.Module):
                 ctx.values0 = v
             if self.vrl_gate is not None:
                 v = value_residual(v, ctx.values0, self.vrl_gate)
+        # The flash kernels take [B, T, H, D]; SDPA takes [B, H, T, D], and q and k normed and rotated in that layout
+        # reach it contiguous, which makes its backward faster on the CPU than through transposed views.
+        heads_first = self.flash_fn is None
+        if heads_first:
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
         if self.qk_norm:
             q, k = rms_norm(q), rms_norm(k)
-        q = self.rotary(q) * self.q_gain.to(q.dtype)[None, None, :, None]
-        k = self.rotary(k)
+        gain = self.q_gain.to(q.dtype)
+        q = self.rotary(q, heads_first) * (gain[:, None, None] if heads_first else gain[:, None])
+        k = self.rotary(k, heads_first)
         if self.flash_fn is not None:
             y = self.flash_fn(q, k, v, causal=True)
             y = y[0] if isinstance(y, tuple) else y
         else:
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+            y = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True,
                                                enable_gqa=self.num_kv_heads != self.num_heads).transpose(1, 2)
         if self.args.xsa_last_n and self.xsa:
             y = exclude_self_value(y, v)
@@ -1681,11 +1697,15 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(args.model_dim), torch.zeros(args.model_dim))))
         self.norm_scale = ln_scale_factor(layer) if args.ln_scale_damping else 1.0
 
+    def norm(self, x: Tensor) -> Tensor:
+        """The block's normed input; scaled only under LN_SCALE_DAMPING (an eager multiply by 1.0 costs a pass)."""
+        return rms_norm(x) * self.norm_scale if self.args.ln_scale_damping else rms_norm(x)
+
     def forward(self, x: Tensor, x0: Tensor, ctx: ForwardContext) -> Tensor:
         weights = self.shared[0] if self.args.shared_blocks and self.shared else self
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        normed = rms_norm(x) * self.norm_scale
+        normed = self.norm(x)
         if self.args.architecture != "transformer" and self.skc_mixer:
             mixed = weights.skc(normed, ctx)
         else:
@@ -1693,7 +1713,7 @@ class Block(nn.Module):
         if self.args.skc_parallel_residual:
             return x + self.attn_scale.to(x.dtype) * mixed + self.mlp_scale.to(x.dtype) * weights.mlp(normed, ctx)
         x = x + self.attn_scale.to(x.dtype) * mixed
-        return x + self.mlp_scale.to(x.dtype) * weights.mlp(rms_norm(x) * self.norm_scale, ctx)
+        return x + self.mlp_scale.to(x.dtype) * weights.mlp(self.norm(x), ctx)
 
 
 # --- feature: capsules (CAPSULE_ENABLED) ---
@@ -2128,6 +2148,23 @@ def init_runtime(args: Hyperparameters) -> Runtime:
                                 device_id=device if device.type == "cuda" else None,
                                 timeout=timedelta(seconds=args.dist_timeout_seconds))
     return Runtime(rank, world_size, local_rank, device, distributed)
+
+
+GLIBC_M_TRIM_THRESHOLD, GLIBC_M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
+
+
+def keep_large_cpu_blocks() -> bool:
+    """Under glibc, serve host allocations under 1 GiB from the heap and keep up to 1 GiB of freed memory in the
+    process. By default glibc maps every block of 32 MiB or more (the logits of a step of 8192 tokens x 1024 in
+    fp32) afresh and unmaps it when it is freed, so every step page-faults its largest tensors in again: about
+    10 % of a CPU training step (bench/ablations/proxy.md). Returns whether glibc took both settings."""
+    if platform.system() != "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # another C library (musl): keep its defaults
+        return False
+    return all(libc.mallopt(option, 1 << 30) == 1 for option in (GLIBC_M_MMAP_THRESHOLD, GLIBC_M_TRIM_THRESHOLD))
 
 
 def set_collective_timeout(rt: Runtime, seconds: float) -> None:
@@ -4037,6 +4074,9 @@ def run(args: Hyperparameters, rt: Runtime, log: Logger, status: RunStatus) -> N
     log(shard_line)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
+    if rt.device.type == "cpu":
+        kept = keep_large_cpu_blocks()
+        log(f"cpu_allocator:{'large blocks kept (mallopt)' if kept else 'the C library defaults (no glibc mallopt)'}")
     if rt.device.type == "cpu" and not rt.distributed:
         log(f"cpu_threads:{torch.get_num_threads()}")
     args = args.replace({"VOCAB_SIZE": inputs.vocab_size})

@@ -115,6 +115,22 @@ def test_compiled_scoring_gives_the_eager_score_with_one_graph_per_shape(tiny_da
 
 # --- model and optimizers ----------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("rope_dims", [8, 4])
+def test_rotary_gives_the_same_rotation_in_both_attention_layouts(rope_dims):
+    """SDPA's [B, H, T, D] and the flash kernels' [B, T, H, D] get the same RoPE, partial RoPE included."""
+    rotary = train_gpt.Rotary(rope_dims, 10000.0)
+    x = torch.randn(2, 5, 3, 8)  # [B, T, H, D]
+    heads_first = rotary(x.transpose(1, 2), heads_first=True).transpose(1, 2)
+    assert torch.equal(heads_first, rotary(x, heads_first=False))
+    assert torch.equal(heads_first[..., rope_dims:], x[..., rope_dims:])
+    assert torch.equal(heads_first[:, 0], x[:, 0])  # position 0 is not rotated
+
+
+def test_the_cpu_allocator_keeps_large_blocks():
+    """glibc takes both mallopt settings here (Linux); elsewhere the function says it did not."""
+    assert train_gpt.keep_large_cpu_blocks() == (sys.platform == "linux")
+
+
 def test_ternary_forward_weights_take_three_values_per_group():
     layer = train_gpt.TernaryLinear(96, 8, group_size=32, scale_format="fp16")
     with torch.no_grad():
