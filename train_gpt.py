@@ -305,6 +305,9 @@ class Hyperparameters:
         "CAPSULE_ENABLED": Setting(False),  # causal capsule summary of the encoder output, injected into the decoder
         "CAPSULE_NUM": Setting(8, lo=0),
         "CAPSULE_DIM": Setting(16, lo=1),
+        # feature: capsule_carry
+        "CAPSULE_CARRY": Setting(False),  # evaluation: capsule sums also count the document's positions before the window
+        "CAPSULE_CARRY_DECAY": Setting(0.99, lo=0.0, hi=1.0),  # weight per position of distance before the window
         # feature: koopman
         "KOOPMAN_ENABLED": Setting(False),  # one step of D + UV^T dynamics on the capsule state
         "KOOPMAN_RANK": Setting(2, lo=0),
@@ -480,6 +483,10 @@ class Hyperparameters:
             require(self.weight_quant != "ternary" or width % self.ternary_group_size == 0,
                     f"CAPSULE_NUM*CAPSULE_DIM={width} must divide by TERNARY_GROUP_SIZE={self.ternary_group_size} "
                     "(the capsule adapter is a ternary layer)")
+        require(not self.capsule_carry or (self.capsule_enabled and self.feedback_passes == 0),
+                "CAPSULE_CARRY=1 carries the encoder's capsule sums from window to window: it needs CAPSULE_ENABLED=1 "
+                "and FEEDBACK_PASSES=0 (a feedback pass summarises the decoder's output, which has no carry)")
+        require(self.capsule_carry_decay > 0, "CAPSULE_CARRY_DECAY must be above 0 (1: no decay)")
         require(self.capsule_enabled or not (self.koopman_enabled or self.feedback_passes),
                 "KOOPMAN_ENABLED and FEEDBACK_PASSES act on the capsule state: set CAPSULE_ENABLED=1")
         if self.koopman_enabled:
@@ -1305,6 +1312,7 @@ class ForwardContext:
         self.doc_starts: Tensor | None = None  # [B, T] most recent BOS at or before each position (SKC, capsules)
         self.aux_losses: list[Tensor] = []  # weighted terms of the training objective, never of the reported loss
         self.router_stats: list[Tensor] = []  # one ROUTER_STATS row per routing layer (MoE)
+        self.capsule_carry = None  # evaluation with CAPSULE_CARRY: the batch's carried capsule sums (CapsuleCarry)
 
 
 def document_starts(input_ids: Tensor) -> Tensor:
@@ -1731,14 +1739,24 @@ class CapsuleBank(nn.Module):
         self.write = make_linear(args, self.num * self.dim, args.model_dim)
         self.gate = nn.Parameter(torch.full((args.model_dim,), -5.0))  # sigmoid(-5) = 0.007
 
-    def summarize(self, h: Tensor, doc: Tensor) -> Tensor:
-        """Capsule state [B, T, CAPSULE_NUM, CAPSULE_DIM] of each position, from positions doc_t..t of h: a prefix
-        sum (a scan without decay) of the weighted values and of the weights."""
+    def contributions(self, h: Tensor) -> Tensor:
+        """What each position adds to the capsule sums: its routing-weighted values and its weights, in fp32,
+        [B, T, CAPSULE_NUM * (CAPSULE_DIM + 1)]."""
         B, T, _ = h.shape
         weight = torch.sigmoid(self.route(h).float()).unsqueeze(-1)
         values = self.read(h).float().view(B, T, self.num, self.dim)
-        sums = document_scan(torch.cat((weight * values, weight), -1).flatten(2), torch.zeros((), device=h.device),
-                             doc, self.chunk).view(B, T, self.num, self.dim + 1)
+        return torch.cat((weight * values, weight), -1).flatten(2)
+
+    def summarize(self, h: Tensor, doc: Tensor, carry=None) -> Tensor:
+        """Capsule state [B, T, CAPSULE_NUM, CAPSULE_DIM] of each position, from positions doc_t..t of h: a prefix
+        sum (a scan without decay) of the weighted values and of the weights. `carry` (CAPSULE_CARRY, evaluation)
+        maps the contributions to the sums of the document's positions before the window."""
+        B, T, _ = h.shape
+        parts = self.contributions(h)
+        sums = document_scan(parts, torch.zeros((), device=h.device), doc, self.chunk)
+        if carry is not None:
+            sums = sums + carry(parts)
+        sums = sums.view(B, T, self.num, self.dim + 1)
         return (sums[..., :-1] / (sums[..., -1:] + 1.0)).to(h.dtype)
 
     def inject(self, x: Tensor, state: Tensor) -> Tensor:
@@ -1761,7 +1779,7 @@ def capsule_decode(model: GPT, mid: Tensor, decode, ctx: ForwardContext) -> Caps
     """The decoder (`decode`, from GPT.encode) reads the capsule state of the encoder output advanced one step;
     then the feedback passes refine it."""
     args = model.args
-    state = model.capsules.summarize(mid, ctx.doc_starts)
+    state = model.capsules.summarize(mid, ctx.doc_starts, ctx.capsule_carry if args.capsule_carry else None)
     hidden = decode(model.capsules.inject(mid, capsule_step(model, state)))
     decoded = CapsuleDecode(hidden, state, torch.zeros(mid.shape[:2], dtype=torch.int64, device=mid.device))
     if args.feedback_passes and (model.feedback_active or not model.training):
@@ -3531,6 +3549,66 @@ class EvalEngram:
 # --- end feature: eval_engram ---
 
 
+# --- feature: capsule_carry (CAPSULE_CARRY) ---
+CARRY_SCAN_CHUNK = 64  # sequential steps of the carry's scan inside a chunk (document_scan)
+
+
+class CapsuleCarry:
+    """CAPSULE_CARRY: a window's capsule sums also count its document's positions before the window, weighted by
+    CAPSULE_CARRY_DECAY per position of distance from the window's start, so a window that starts inside a long
+    document still reads a summary of its beginning. One object per scoring pass: it keeps its state from batch to
+    batch and, in score-first evaluation, from chunk to chunk.
+
+    A position's contribution comes from the encoder (which never reads capsule state) of the window that scored
+    its target, or, for the context of the pass's first window, of that window. A window's carry counts only
+    positions before its first input and of its own document (a BOS empties it), so it reads only earlier tokens;
+    every encoder of a batch runs before any decoder, so a window's carry also counts the windows batched before
+    it, and the carries, like the score, do not depend on the batch size. Each rank starts empty at its first
+    window (as TTT starts each rank from the artifact)."""
+
+    def __init__(self, ctx: StreamContext, decay: float):
+        self.ctx, self.log_decay = ctx, math.log(decay)
+        self.folded = 0  # positions before `folded` are summed into `state`
+        self.state: Tensor | None = None  # [F]: sum over positions p < folded of the document, decay^(folded-1-p)
+        self.pending: Tensor | None = None  # [n, F]: contributions of positions folded .. folded+n-1, not yet summed
+
+    def forward_context(self, windows: list[Window]) -> ForwardContext:
+        ctx = ForwardContext()
+        ctx.capsule_carry = lambda parts: self.carry(windows, parts)
+        return ctx
+
+    def carry(self, windows: list[Window], parts: Tensor) -> Tensor:
+        """The carried sums [B, T, F] of the batch `windows` (each window's carry at its positions before the
+        window's first BOS, zero from there on), from the batch's contributions `parts` [B, T, F]."""
+        if self.pending is None:
+            self.folded, self.state = windows[0].start, parts.new_zeros(parts.size(-1))
+            self.pending = parts.new_zeros(0, parts.size(-1))
+        rows, held_to = [self.pending], self.folded + self.pending.size(0)
+        for i, w in enumerate(windows):  # each window's positions not yet held: its scored inputs
+            if not w.start <= held_to < w.end - 1:
+                raise RuntimeError(f"CAPSULE_CARRY: a window at {w.start} after positions up to {held_to}: the "
+                                   "windows of a pass must score the stream in order")
+            rows.append(parts[i, held_to - w.start:w.end - 1 - w.start])
+            held_to = w.end - 1
+        self.pending = torch.cat(rows)
+        starts = torch.tensor([w.start for w in windows], device=parts.device)
+        span = windows[-1].start - self.folded
+        sums = self.state[None]  # row k: the sums over the positions before folded + k
+        if span:
+            positions = torch.arange(self.folded, self.folded + span, device=parts.device)
+            last_bos = self.ctx.last_bos[positions]
+            scanned = document_scan(self.pending[None, :span], torch.full_like(self.state, self.log_decay),
+                                    (last_bos - self.folded).clamp_min(0)[None], CARRY_SCAN_CHUNK)[0]
+            kept = torch.exp((positions - self.folded + 1) * self.log_decay) * (last_bos < self.folded)  # same document
+            sums = torch.cat((sums, scanned + kept.unsqueeze(-1) * self.state))
+        sums = sums[starts - self.folded]  # [B, F]
+        self.state, self.folded, self.pending = sums[-1], windows[-1].start, self.pending[span:]
+        offsets = torch.arange(parts.size(1), device=parts.device)
+        before_any_bos = self.ctx.last_bos[starts[:, None] + offsets] < starts[:, None]
+        return before_any_bos.unsqueeze(-1) * sums[:, None, :]
+# --- end feature: capsule_carry ---
+
+
 def window_hidden(model: GPT, input_ids: Tensor) -> Tensor:
     return model.hidden_states(input_ids)
 
@@ -3584,7 +3662,7 @@ def stream_context(val_tokens: np.ndarray, tables: ByteTables, seq_len: int, bat
 
 @torch.no_grad()
 def score_windows(model: GPT, ctx: StreamContext, windows: list[Window], rt: Runtime, engram: EvalEngram | None = None,
-                  observer=None, progress: Progress | None = None) -> Tensor:
+                  observer=None, progress: Progress | None = None, carry: CapsuleCarry | None = None) -> Tensor:
     """Per-target losses (nats, float32) of the windows' scored targets, in target order.
     observer(targets, log_probs), when given, sees every scored row's full log-distribution.
     A batch's inputs are one gather and its scored rows one index (all but plain chunking keep only each
@@ -3594,10 +3672,15 @@ def score_windows(model: GPT, ctx: StreamContext, windows: list[Window], rt: Run
     offsets = torch.arange(ctx.seq_len, device=rt.device)
     for i in range(0, len(windows), ctx.batch_windows):
         group = windows[i:i + ctx.batch_windows]
-        padding = ctx.batch_windows - len(group) if ctx.forward.compiled else 0  # one shape, one compiled graph
+        compiled = ctx.forward.compiled and carry is None  # (the carry's state changes from batch to batch: eager)
+        padding = ctx.batch_windows - len(group) if compiled else 0  # one shape, one compiled graph
         starts = torch.tensor([w.start for w in group] + [group[-1].start] * padding, device=rt.device)
+        inputs = ctx.val[starts[:, None] + offsets]
         with rt.autocast():
-            hidden = ctx.forward.hidden(model, ctx.val[starts[:, None] + offsets])[:len(group)]
+            if model.args.capsule_carry and carry is not None:
+                hidden = model.hidden_states(inputs, carry.forward_context(group))
+            else:
+                hidden = ctx.forward.hidden(model, inputs)[:len(group)]
         rows = hidden.reshape(-1, hidden.size(-1))
         starts = starts[:len(group)]
         targets = (starts[:, None] + 1 + offsets).reshape(-1)
@@ -3645,7 +3728,8 @@ def evaluate_windows(model: GPT, ctx: StreamContext, stride: int, rt: Runtime, o
         progress.total = sum(w.end - w.first for w in mine)
     was_training = model.training
     model.eval()
-    losses = score_windows(model, ctx, mine, rt, observer=observer, progress=progress)
+    carry = CapsuleCarry(ctx, model.args.capsule_carry_decay) if model.args.capsule_carry else None
+    losses = score_windows(model, ctx, mine, rt, observer=observer, progress=progress, carry=carry)
     model.train(was_training)
     lo, hi = (mine[0].first, mine[-1].end) if mine else (1, 1)
     return scored(ctx, lo, hi, losses)
@@ -3722,13 +3806,14 @@ def evaluate_streaming(model: GPT, ctx: StreamContext, args: Hyperparameters, rt
         frozen = {n: p.detach().clone() for n, p in model.named_parameters() if n not in chosen}
         roles = parameter_roles(model)
     memory = EvalEngram(args, model.tok_emb.num_embeddings, rt.device) if args.eval_engram else None
+    carry = CapsuleCarry(ctx, args.capsule_carry_decay) if args.capsule_carry else None
     model.eval()
     losses = []
     for lo, hi in mine:
         if events is not None:
             events.append(("score", lo, hi))
         losses.append(score_windows(model, ctx, plan_windows(lo, hi, ctx.num_targets, ctx.seq_len, stride), rt,
-                                    memory, observer, progress))
+                                    memory, observer, progress, carry))
         if memory is not None:
             memory.absorb(ctx.val, ctx.last_bos, torch.arange(lo, hi, device=rt.device))
         if args.ttt_enabled and (lo, hi) != mine[-1]:  # this rank's later chunks are the only ones an update can help

@@ -58,6 +58,8 @@ MODEL_FLAGS = {
                           "FEEDBACK_PASSES": 2, "ADAPTIVE_HALT_ENABLED": 1, "ADAPTIVE_HALT_THRESHOLD": 0.05},
     "skc_shared_recurrence": {"ARCHITECTURE": "skc", "SKC_CHUNK": 4, "SHARED_BLOCKS": 1, "RECURRENCE_DEPTH": 1},
     "attention_capsules_feedback": {**SKC_CAPSULES, "SKC_CHUNK": 4, "FEEDBACK_PASSES": 1},
+    "attention_capsule_carry": {**SKC_CAPSULES, "SKC_CHUNK": 4, "CAPSULE_CARRY": 1, "CAPSULE_CARRY_DECAY": 0.9},
+    "skc_capsule_carry": {"ARCHITECTURE": "skc", "SKC_CHUNK": 4, **SKC_CAPSULES, "CAPSULE_CARRY": 1},
 }
 # Models whose every token mixer is document-local (no attention layer): no prediction sees an earlier document.
 DOCUMENT_LOCAL_FLAGS = [flag for flag, settings in MODEL_FLAGS.items() if settings.get("ARCHITECTURE") == "skc"]
@@ -285,8 +287,9 @@ def test_eval_warm_up_never_changes_the_weights():
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_sliding_scores_do_not_depend_on_the_batch_size():
-    args = make_args()
+@pytest.mark.parametrize("flag", ["base", "attention_capsule_carry"])
+def test_sliding_scores_do_not_depend_on_the_batch_size(flag):
+    args = make_args(**MODEL_FLAGS[flag])
     model = make_model(args)
     results = []
     for batch_tokens in (SEQ_LEN, 3 * SEQ_LEN, 64 * SEQ_LEN):

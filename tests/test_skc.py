@@ -313,6 +313,52 @@ def test_every_skc_parameter_has_a_role_is_exported_and_round_trips(overrides):
         assert (model.eval()(x) - reloaded(x)).abs().max() < 0.1
 
 
+@pytest.mark.parametrize("stride", [16, 5])
+def test_capsule_carry_counts_the_document_before_the_window(stride):
+    """Three documents over 48 targets, windows of 16, CAPSULE_CARRY_DECAY=0.9: each window's capsule sums start from
+    the decayed contributions of its document's positions before it, each taken from the window that scored its
+    target (the first window's context from the first window), up to the window's first BOS; its predictions equal a
+    forward given that carry, and differ from one without it."""
+    import numpy as np
+    args = make_args(**CAPSULES, CAPSULE_CARRY=1, CAPSULE_CARRY_DECAY=0.9, VAL_BATCH_SIZE=64)
+    model = make_model(args).eval()
+    with torch.no_grad():
+        model.capsules.gate.fill_(2.0)  # open the adapter (it starts nearly closed), so the capsules count
+    seq_len, decay = 16, 0.9
+    tokens = torch.randint(4, VOCAB, (49,), generator=torch.Generator().manual_seed(5))
+    tokens[[0, 26, 38]] = train_gpt.BOS_ID
+    ones = torch.ones(VOCAB, dtype=torch.int16)
+    tables = train_gpt.ByteTables(ones, torch.zeros(VOCAB, dtype=torch.bool), torch.zeros(VOCAB, dtype=torch.bool))
+    ctx = train_gpt.stream_context(tokens.numpy().astype(np.uint16), tables, seq_len, 64, CPU)
+    rows = {}
+    train_gpt.evaluate_windows(model, ctx, stride, CPU, observer=lambda t, logp: rows.update(zip(t.tolist(), logp)))
+    windows = train_gpt.plan_windows(1, 49, 48, seq_len, stride)
+    contribution = torch.zeros(48, args.capsule_num * (args.capsule_dim + 1))
+    with torch.no_grad():
+        for w in windows:
+            mid, _ = model.encode(tokens[None, w.start:w.start + seq_len], train_gpt.ForwardContext())
+            parts = model.capsules.contributions(mid)[0]
+            new = slice(w.start if w is windows[0] else w.first - 1, w.end - 1)
+            contribution[new] = parts[new.start - w.start:new.stop - w.start]
+        carried_windows = 0
+        for w in windows[1:]:
+            inputs = tokens[w.start:w.start + seq_len]
+            document = int(ctx.last_bos[w.start])  # the carry sums positions document .. start-1 (none at a BOS)
+            weights = decay ** torch.arange(w.start - 1 - document, -1, -1, dtype=torch.float32)
+            carried = (weights[:, None] * contribution[document:w.start]).sum(0)
+            before_any_bos = torch.cumsum(inputs == train_gpt.BOS_ID, 0) == 0
+            forward = train_gpt.ForwardContext()
+            forward.capsule_carry = lambda parts: before_any_bos[None, :, None] * carried
+            logp = torch.log_softmax(model.logits(model.hidden_states(inputs[None], forward)).float(), -1)[0]
+            uncarried = torch.log_softmax(model.logits(model.hidden_states(inputs[None])).float(), -1)[0]
+            for target in range(w.first, w.end):
+                assert torch.allclose(rows[target], logp[target - w.start - 1], atol=1e-5), (w, target)
+            if before_any_bos[w.first - w.start - 1] and w.start > document:
+                carried_windows += 1
+                assert not torch.allclose(rows[w.first], uncarried[w.first - w.start - 1], atol=1e-4)
+        assert carried_windows >= 2
+
+
 # --- settings -----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("env, message", [
@@ -331,6 +377,9 @@ def test_every_skc_parameter_has_a_role_is_exported_and_round_trips(overrides):
     (dict(**CAPSULES, KOOPMAN_ENABLED=1, KOOPMAN_CONSISTENCY_WEIGHT=0.1), "FEEDBACK_PASSES >= 1"),
     (dict(**CAPSULES, ADAPTIVE_HALT_ENABLED=1), "ADAPTIVE_HALT_ENABLED=1 halts feedback passes"),
     (dict(CAPSULE_ENABLED=1, CAPSULE_NUM=3, CAPSULE_DIM=5), "must divide by TERNARY_GROUP_SIZE=16"),
+    (dict(CAPSULE_CARRY=1), "CAPSULE_CARRY=1 carries the encoder's capsule sums"),
+    (dict(**CAPSULES, FEEDBACK_PASSES=1, CAPSULE_CARRY=1), "needs CAPSULE_ENABLED=1 and FEEDBACK_PASSES=0"),
+    (dict(**CAPSULES, CAPSULE_CARRY=1, CAPSULE_CARRY_DECAY=0), "CAPSULE_CARRY_DECAY must be above 0"),
     (dict(SHARED_BLOCKS=4), "SHARED_BLOCKS=4 must be below NUM_LAYERS=4"),
     (dict(SHARED_BLOCKS=2, XSA_LAST_N=1), "XSA_LAST_N, VRL_ENABLED and MOE_ENABLED choose per layer"),
     (dict(ARCHITECTURE="hybrid", SKC_LAYERS="0,1", SHARED_BLOCKS=2), "must repeat with that period"),
