@@ -3677,7 +3677,7 @@ def score_windows(model: GPT, ctx: StreamContext, windows: list[Window], rt: Run
         starts = torch.tensor([w.start for w in group] + [group[-1].start] * padding, device=rt.device)
         inputs = ctx.val[starts[:, None] + offsets]
         with rt.autocast():
-            if model.args.capsule_carry and carry is not None:
+            if carry is not None:
                 hidden = model.hidden_states(inputs, carry.forward_context(group))
             else:
                 hidden = ctx.forward.hidden(model, inputs)[:len(group)]
@@ -3728,7 +3728,8 @@ def evaluate_windows(model: GPT, ctx: StreamContext, stride: int, rt: Runtime, o
         progress.total = sum(w.end - w.first for w in mine)
     was_training = model.training
     model.eval()
-    carry = CapsuleCarry(ctx, model.args.capsule_carry_decay) if model.args.capsule_carry else None
+    args = model.args  # the model's settings and this run's evaluation settings
+    carry = CapsuleCarry(ctx, args.capsule_carry_decay) if args.capsule_carry else None
     losses = score_windows(model, ctx, mine, rt, observer=observer, progress=progress, carry=carry)
     model.train(was_training)
     lo, hi = (mine[0].first, mine[-1].end) if mine else (1, 1)

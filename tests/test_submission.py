@@ -186,13 +186,14 @@ def test_dce_removes_every_feature_the_competition_config_leaves_off(competition
     for name in ("EvalEngram", "ttt_train_on_chunk", "WeightEMA", "calibrate_ternary", "RotatedTernaryLinear",
                  "EngramHash", "TernaryMoE", "router_health_lines", "SmearGate", "exclude_self_value", "value_residual",
                  "ln_scale_factor", "SKCMixer", "causal_depthwise_conv", "CapsuleBank", "capsule_decode",
-                 "KoopmanDynamics", "feedback_passes", "document_scan", "skc_layers", "recurrence_band"):
+                 "KoopmanDynamics", "feedback_passes", "document_scan", "skc_layers", "recurrence_band",
+                 "CapsuleCarry"):
         assert name in result.removed_definitions and f"class {name}" not in result.source
         assert f"def {name}" not in result.source and f"{name}(" not in result.source
     assert "TTT_LR" in result.removed_settings and "EVAL_ENGRAM_ALPHA" in result.removed_settings
     mine = ("turbo_quant", "ema", "calibration", "temperature_fit", "int8_zlib", "eval_engram", "ttt",
             "xsa", "vrl", "engram_hash", "moe", "smear_gate", "ln_scale_damping",
-            "skc_mixer", "capsules", "koopman", "feedback_passes")
+            "skc_mixer", "capsules", "capsule_carry", "koopman", "feedback_passes")
     assert not [line for line in result.features if "BUT KEPT" in line and line.split()[1] in mine], result.features
 
 
