@@ -3567,8 +3567,8 @@ class CapsuleCarry:
     window (as TTT starts each rank from the artifact)."""
 
     def __init__(self, ctx: StreamContext, decay: float):
-        self.ctx, self.log_decay = ctx, math.log(decay)
-        self.folded = 0  # positions before `folded` are summed into `state`
+        self.last_bos, self.log_decay = ctx.last_bos, math.log(decay)
+        self.folded = 0  # positions before `folded` are summed into `state` (set by the first batch)
         self.state: Tensor | None = None  # [F]: sum over positions p < folded of the document, decay^(folded-1-p)
         self.pending: Tensor | None = None  # [n, F]: contributions of positions folded .. folded+n-1, not yet summed
 
@@ -3596,7 +3596,7 @@ class CapsuleCarry:
         sums = self.state[None]  # row k: the sums over the positions before folded + k
         if span:
             positions = torch.arange(self.folded, self.folded + span, device=parts.device)
-            last_bos = self.ctx.last_bos[positions]
+            last_bos = self.last_bos[positions]
             scanned = document_scan(self.pending[None, :span], torch.full_like(self.state, self.log_decay),
                                     (last_bos - self.folded).clamp_min(0)[None], CARRY_SCAN_CHUNK)[0]
             kept = torch.exp((positions - self.folded + 1) * self.log_decay) * (last_bos < self.folded)  # same document
@@ -3604,7 +3604,7 @@ class CapsuleCarry:
         sums = sums[starts - self.folded]  # [B, F]
         self.state, self.folded, self.pending = sums[-1], windows[-1].start, self.pending[span:]
         offsets = torch.arange(parts.size(1), device=parts.device)
-        before_any_bos = self.ctx.last_bos[starts[:, None] + offsets] < starts[:, None]
+        before_any_bos = self.last_bos[starts[:, None] + offsets] < starts[:, None]
         return before_any_bos.unsqueeze(-1) * sums[:, None, :]
 # --- end feature: capsule_carry ---
 
@@ -3670,9 +3670,9 @@ def score_windows(model: GPT, ctx: StreamContext, windows: list[Window], rt: Run
     losses = []
     span = np.arange(ctx.seq_len)
     offsets = torch.arange(ctx.seq_len, device=rt.device)
+    compiled = ctx.forward.compiled and carry is None  # (the carry's state changes from batch to batch: eager)
     for i in range(0, len(windows), ctx.batch_windows):
         group = windows[i:i + ctx.batch_windows]
-        compiled = ctx.forward.compiled and carry is None  # (the carry's state changes from batch to batch: eager)
         padding = ctx.batch_windows - len(group) if compiled else 0  # one shape, one compiled graph
         starts = torch.tensor([w.start for w in group] + [group[-1].start] * padding, device=rt.device)
         inputs = ctx.val[starts[:, None] + offsets]
@@ -4163,8 +4163,8 @@ def run(args: Hyperparameters, rt: Runtime, log: Logger, status: RunStatus) -> N
     if rt.device.type == "cpu":
         kept = keep_large_cpu_blocks()
         log(f"cpu_allocator:{'large blocks kept (mallopt)' if kept else 'the C library defaults (no glibc mallopt)'}")
-    if rt.device.type == "cpu" and not rt.distributed:
-        log(f"cpu_threads:{torch.get_num_threads()}")
+        if not rt.distributed:
+            log(f"cpu_threads:{torch.get_num_threads()}")
     args = args.replace({"VOCAB_SIZE": inputs.vocab_size})
     vocab_size = args.vocab_size
     tables = build_byte_tables(inputs.sp, vocab_size, rt.device)
