@@ -1,6 +1,6 @@
 """The CPU proxy track: our configurations against the official baseline's, same data, same caps.
 
-    python -m bench.proxy                       # ours and baseline, 10 minutes of training each
+    python -m bench.proxy                       # ours, ours_fp8 and baseline, 10 minutes of training each
     python -m bench.proxy --seeds 3             # each entry with seeds 1337, 1338, 1339: mean +- std, ratio
     python -m bench.proxy --only ours_fp8 baseline   # chosen entries (ours, ours_fp8, baseline)
     python -m bench.proxy --quick               # 2 minutes each (smoke check)
@@ -38,7 +38,7 @@ SHARED_CORPUS = REPO_ROOT.parent / "shared" / "corpus" / "english_docs_dev.jsonl
 MODEL_BYTES_CAP = 2_000_000
 ENTRIES = {"ours": "configs/cpu_proxy.env", "ours_fp8": "configs/cpu_proxy_fp8.env",
            "baseline": "configs/baseline_cpu_proxy.env"}
-DEFAULT_ENTRIES = ("ours", "baseline")
+DEFAULT_ENTRIES = ("ours", "ours_fp8", "baseline")
 BASELINE = "baseline"
 FIRST_SEED = 1337
 BUILD_STAMP = "proxy_build.json"
