@@ -10,9 +10,10 @@
 Caps, scaled from the competition to this machine: model bytes <= 2,000,000 (1/8 of
 the 16 MB cap; code bytes reported beside) and a training wall clock of 10 minutes.
 Data: an sp1024 tokenizer trained by data/prepare.py on the training documents of
-../shared/corpus/english_docs_dev.jsonl.gz (the offline stdlib corpus when ../shared
-is absent), validation on its first --val-docs documents; built once into
-bench/out/proxy_data and reused. Runs go seed by seed, every entry back to back within
+../shared/corpus/english_docs_dev.jsonl.gz (or --corpus PATH; the offline stdlib corpus
+when neither exists), validation on its first --val-docs documents; built once into
+bench/out/proxy_data and reused, and replaced only with --rebuild-data when it was built
+from other inputs. Runs go seed by seed, every entry back to back within
 a seed. Prints round-trip val_bpb, tokens/s, steps, model and code bytes per run, then
 per entry the mean +- std (sample std over seeds) and the val_bpb ratio of each of ours
 to the baseline (ratio of means, with the std propagated from both); writes
@@ -21,6 +22,7 @@ bench/out/proxy_<timestamp>.json. Exits non-zero when a run fails or is over the
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import statistics
@@ -42,30 +44,54 @@ DEFAULT_ENTRIES = ("ours", "ours_fp8", "baseline")
 BASELINE = "baseline"
 FIRST_SEED = 1337
 BUILD_STAMP = "proxy_build.json"
+DATA_SPEC = "sp_bpe_1024"
+OFFLINE_CORPUS = "offline stdlib corpus"
 
 
 # ----------------------------------------------------------------------------- data
 
-def data_build_command(val_docs: int) -> list[str]:
-    """The data/prepare.py command that builds the proxy data."""
+def data_build_command(corpus: Path | None, val_docs: int) -> list[str]:
+    """The data/prepare.py command that builds the proxy data (from the offline corpus when corpus is None)."""
     command = [sys.executable, "data/prepare.py", "build"]
-    if SHARED_CORPUS.is_file():
-        command += ["--input", str(SHARED_CORPUS)]
-    return command + ["--spec", "sp_bpe_1024", "--out", str(DATA_DIR), "--val-docs", str(val_docs)]
+    if corpus is not None:
+        command += ["--input", str(corpus)]
+    return command + ["--spec", DATA_SPEC, "--out", str(DATA_DIR), "--val-docs", str(val_docs)]
 
 
-def ensure_proxy_data(val_docs: int, rebuild: bool) -> dict:
-    """Build the proxy data unless the same build is already there; returns its manifest."""
-    command = data_build_command(val_docs)
-    stamp = {"command": command[1:]}
+def data_identity(corpus: Path | None, val_docs: int) -> dict:
+    """What decides the proxy data's content: the corpus (by name and SHA-256), the tokenizer spec and the
+    validation documents. Not the output path, so that a git worktree with a copy of the data reuses it."""
+    sha256 = hashlib.sha256(corpus.read_bytes()).hexdigest() if corpus is not None else None
+    return {"corpus": corpus.name if corpus is not None else OFFLINE_CORPUS, "corpus_sha256": sha256,
+            "spec": DATA_SPEC, "val_docs": val_docs}
+
+
+def describe_data(identity: dict) -> str:
+    sha = identity.get("corpus_sha256")
+    return (f"{identity.get('corpus')}" + (f" (sha256 {sha[:12]})" if sha else "")
+            + f", {identity.get('spec')}, {identity.get('val_docs')} validation documents")
+
+
+def ensure_proxy_data(corpus: Path | None, val_docs: int, rebuild: bool) -> dict:
+    """Build the proxy data unless the same build is already there; returns its manifest. Data built from
+    other inputs is replaced only on request: every recorded proxy figure was measured on it, and a checkout
+    without ../shared would otherwise swap the English documents for the offline corpus unnoticed."""
+    identity = data_identity(corpus, val_docs)
     stamp_path = DATA_DIR / BUILD_STAMP
     manifest_path = DATA_DIR / "manifest.json"
-    if not rebuild and manifest_path.is_file() and stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
-        print(f"proxy data: reusing {DATA_DIR}")
-    else:
-        print("proxy data: " + " ".join(command[1:]), flush=True)
-        subprocess.run(command, cwd=REPO_ROOT, check=True)
-        stamp_path.write_text(json.dumps(stamp, indent=2) + "\n")
+    built = json.loads(stamp_path.read_text()) if stamp_path.is_file() and manifest_path.is_file() else None
+    if built == identity and not rebuild:
+        print(f"proxy data: reusing {DATA_DIR} ({describe_data(identity)})")
+        return json.loads(manifest_path.read_text())
+    if built is not None and not rebuild:
+        raise SystemExit(f"proxy data in {DATA_DIR} was built from {describe_data(built)}, but this invocation asks "
+                         f"for {describe_data(identity)}. Pass --corpus PATH and --val-docs N to match it (the corpus "
+                         f"is looked up at {SHARED_CORPUS} by default), or --rebuild-data to replace it (figures "
+                         "measured on the old data are then no longer comparable).")
+    command = data_build_command(corpus, val_docs)
+    print("proxy data: " + " ".join(command[1:]), flush=True)
+    subprocess.run(command, cwd=REPO_ROOT, check=True)
+    stamp_path.write_text(json.dumps(identity, indent=2) + "\n")
     return json.loads(manifest_path.read_text())
 
 
@@ -165,18 +191,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--only", nargs="+", choices=sorted(ENTRIES), metavar="ENTRY",
                         help=f"run these entries ({', '.join(ENTRIES)}; default: {' '.join(DEFAULT_ENTRIES)})")
     parser.add_argument("--seeds", type=int, default=1, help=f"seeds per entry, {FIRST_SEED} upwards (default 1)")
+    parser.add_argument("--corpus", type=Path, default=SHARED_CORPUS if SHARED_CORPUS.is_file() else None,
+                        help=f"documents (.jsonl[.gz]) to build the proxy data from (default: {SHARED_CORPUS} "
+                             "when present, else the offline stdlib corpus)")
     parser.add_argument("--val-docs", type=int, default=50, help="held-out validation documents (default 50)")
     parser.add_argument("--rebuild-data", action="store_true", help="rebuild the proxy data even if present")
     parser.add_argument("--data-only", action="store_true", help="build or reuse the proxy data, then stop")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
+    if args.corpus is not None and not args.corpus.is_file():
+        parser.error(f"--corpus {args.corpus}: no such file")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    data_manifest = ensure_proxy_data(args.val_docs, args.rebuild_data)
+    data_manifest = ensure_proxy_data(args.corpus, args.val_docs, args.rebuild_data)
     if args.data_only:
         return 0
     seconds = 120.0 if args.quick else args.minutes * 60

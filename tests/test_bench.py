@@ -66,3 +66,40 @@ def test_seeds_must_be_positive():
     with pytest.raises(SystemExit):
         proxy.parse_args(["--seeds", "0"])
     assert proxy.parse_args(["--seeds", "3", "--only", "ours_fp8", "baseline"]).only == ["ours_fp8", "baseline"]
+
+
+@pytest.fixture
+def proxy_data_dir(tmp_path, monkeypatch):
+    """bench/proxy.py pointed at an empty data folder, with data/prepare.py replaced by a stub that records its
+    command and writes a manifest."""
+    data_dir = tmp_path / "proxy_data"
+    builds = []
+
+    def fake_build(command, cwd, check):
+        builds.append(command)
+        data_dir.mkdir(exist_ok=True)
+        (data_dir / "manifest.json").write_text('{"val": {"tokens": 7}}')
+
+    monkeypatch.setattr(proxy, "DATA_DIR", data_dir)
+    monkeypatch.setattr(proxy.subprocess, "run", fake_build)
+    return data_dir, builds
+
+
+def test_proxy_data_is_reused_by_its_inputs_and_never_swapped_for_another_corpus(proxy_data_dir, tmp_path):
+    data_dir, builds = proxy_data_dir
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text('{"text": "a"}\n')
+    assert proxy.ensure_proxy_data(corpus, 50, rebuild=False) == {"val": {"tokens": 7}}
+    assert builds[0][builds[0].index("--input") + 1] == str(corpus)
+    proxy.ensure_proxy_data(corpus, 50, rebuild=False)
+    assert len(builds) == 1, "the same inputs reuse the data"
+    for other_corpus, val_docs in ((None, 50), (corpus, 20)):
+        with pytest.raises(SystemExit, match="--rebuild-data"):
+            proxy.ensure_proxy_data(other_corpus, val_docs, rebuild=False)
+    assert len(builds) == 1, "data built from other inputs is not replaced unasked"
+    corpus.write_text('{"text": "b"}\n')
+    with pytest.raises(SystemExit, match="docs.jsonl"):
+        proxy.ensure_proxy_data(corpus, 50, rebuild=False)
+    proxy.ensure_proxy_data(None, 50, rebuild=True)
+    assert "--input" not in builds[1]
+    assert proxy.ensure_proxy_data(None, 50, rebuild=False) and len(builds) == 2
