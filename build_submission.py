@@ -180,11 +180,21 @@ def settings_class(tree: ast.Module) -> tuple[ast.ClassDef, ast.Dict]:
     raise ValueError("the trainer has no class with a SETTINGS dict literal: nothing to extract")
 
 
+def rewritten_settings(settings_class: ast.ClassDef) -> set[str]:
+    """Attributes the settings class sets by name with object.__setattr__(self, "name", value) after parsing."""
+    return {call.args[1].value for call in ast.walk(settings_class)
+            if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == "__setattr__"
+            and isinstance(call.func.value, ast.Name) and call.func.value.id == "object" and len(call.args) == 3
+            and isinstance(call.args[1], ast.Constant) and isinstance(call.args[1].value, str)}
+
+
 class ConditionFolder(ast.NodeTransformer):
     """Replaces conditions that are constant under the config by their value and drops the dead branches.
 
     A setting is read as `args.x`, `self.args.x`, or `self.x` inside the settings class. Only conditions are
-    folded (if tests, conditional expressions, their and/or/not operands); other reads stay as they are.
+    folded (if tests, conditional expressions, their and/or/not operands); other reads stay as they are. A
+    setting that the settings class itself rewrites (`object.__setattr__(self, "x", ...)`) is not folded inside
+    that class: its checks there read the value as parsed, before the rewrite, and the config holds the value after.
     """
 
     def __init__(self, values: dict[str, object], settings_class_name: str):
@@ -193,12 +203,14 @@ class ConditionFolder(ast.NodeTransformer):
         self.folded: list[Folded] = []
         self.owner: str | None = None
         self.in_settings_class = False
+        self.rewritten: set[str] = set()  # settings the settings class rewrites after parsing them
 
     def fold_module(self, tree: ast.Module) -> ast.Module:
         body = []
         for node in tree.body:
             self.owner = getattr(node, "name", None)
             self.in_settings_class = isinstance(node, ast.ClassDef) and node.name == self.settings_class_name
+            self.rewritten = rewritten_settings(node) if self.in_settings_class else set()
             result = self.visit(node)
             body.extend(result if isinstance(result, list) else [result] if result is not None else [])
         tree.body = body
@@ -209,7 +221,8 @@ class ConditionFolder(ast.NodeTransformer):
         if not isinstance(node, ast.Attribute) or node.attr not in self.values:
             return None
         receiver = node.value
-        if isinstance(receiver, ast.Name) and (receiver.id == "args" or (receiver.id == "self" and self.in_settings_class)):
+        if isinstance(receiver, ast.Name) and (receiver.id == "args" or (
+                receiver.id == "self" and self.in_settings_class and node.attr not in self.rewritten)):
             return node.attr
         if isinstance(receiver, ast.Attribute) and receiver.attr == "args" and isinstance(receiver.value, ast.Name) \
                 and receiver.value.id == "self":
@@ -353,14 +366,24 @@ def _stdlib_module(name: str) -> bool:
     return name.split(".")[0] in sys.stdlib_module_names and name != "__future__"
 
 
+PURE_CALLS = {("re", "compile")}  # module functions without side effects: a constant built by one may go
+
+
+def _pure_call(call: ast.Call) -> bool:
+    func = call.func
+    return (isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name)
+            and (func.value.id, func.attr) in PURE_CALLS and all(isinstance(a, ast.Constant) for a in call.args)
+            and not call.keywords)
+
+
 def _bound_names(node: ast.stmt) -> list[str]:
     """Names a removable top-level statement defines; [] when it is not removable."""
     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
         return [node.name]
     if isinstance(node, (ast.Assign, ast.AnnAssign)):
         targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-        pure = node.value is None or not any(isinstance(n, (ast.Call, ast.Await, ast.Yield, ast.NamedExpr))
-                                             for n in ast.walk(node.value))
+        pure = node.value is None or not any(isinstance(n, (ast.Await, ast.Yield, ast.NamedExpr))
+                                             or isinstance(n, ast.Call) and not _pure_call(n) for n in ast.walk(node.value))
         if pure and all(isinstance(t, ast.Name) for t in targets):
             return [t.id for t in targets]
     return []
@@ -516,12 +539,15 @@ def feature_report(original: ast.Module, source: str, extracted: ast.Module, val
         flags = ", ".join(f"{f.name}={_env_text(values[f.name])}" for f in block.flags if f.name in values)
         on = any(f.is_on(values[f.name]) for f in block.flags if f.name in values)
         kept = [n for n in names if n in survivors]
+        kept += [f"the statement at line {node.lineno}" for node in extracted.body
+                 if block.first_line < node.lineno < block.last_line and not _bound_names(node)]
         if on:
             lines.append(f"feature {block.name} ({flags}): on, code kept")
         elif not kept:
             lines.append(f"feature {block.name} ({flags}): off, removed {', '.join(names)}")
         else:
-            why = "; ".join(f"{n} used by {', '.join(sorted(users.get(n, {'?'}) - {n}))}" for n in kept)
+            why = "; ".join(f"{n} used by {', '.join(sorted(users.get(n, {'?'}) - {n}))}" if n in users else
+                            f"{n} (not removable: it may have side effects)" for n in kept)
             lines.append(f"feature {block.name} ({flags}): off, BUT KEPT {why} (guard those uses with a condition "
                          "over settings, see the README's feature-block convention)")
     return lines
@@ -762,13 +788,30 @@ def equivalence_check(original: Path, extracted: Path, raw_config: dict[str, str
 # -----------------------------------------------------------------------------
 # extract
 # -----------------------------------------------------------------------------
+def config_settings(module, raw_config: dict[str, str], config: Path) -> dict[str, str]:
+    """An env file's settings under the trainer's own names. Every name in an env file is meant for the trainer,
+    so a name it does not know is an error here (the trainer itself lets unknown process variables pass);
+    the design's names become ours, so that the tiny runs and the extracted defaults see the same config."""
+    hyper = module.Hyperparameters
+    aliases = getattr(hyper, "DESIGN_ALIASES", {})
+    unknown = [name for name in raw_config if name not in hyper.SETTINGS and name not in aliases
+               and name not in getattr(hyper, "DESIGN_REFUSED", {}) and name not in module.FOREIGN_ENV_NAMES
+               and not name.startswith(module.FOREIGN_ENV_PREFIXES)]
+    if unknown:
+        hints = [f"{name} (did you mean {close}?)" if (close := module.close_setting(name, hyper.SETTINGS)) else name
+                 for name in unknown]
+        raise ValueError(f"{config} sets {', '.join(hints)}, which the trainer does not read: fix or remove "
+                         "the line (an unread setting would ship as its default)")
+    return hyper._resolve_design_names(raw_config) if aliases else dict(raw_config)
+
+
 def extract(config: Path, out: Path, dce: bool, minified: bool, compressed: bool, trainer: Path = TRAINER,
             steps: int = 6, log=print) -> dict:
     """Write out/train_gpt.py (and the config beside it), prove it equivalent to the trainer, return the report."""
     from skcgolf import trainrun
-    raw_config = trainrun.read_env_file(config)
     trainer, out = trainer.resolve(), out.resolve()
     module = load_module(trainer, "trainer_for_extraction")
+    raw_config = config_settings(module, trainrun.read_env_file(config), config)
     args = module.Hyperparameters(raw_config)
     values = {name: getattr(args, name.lower()) for name in module.Hyperparameters.SETTINGS}
     source = trainer.read_text(encoding="utf-8")
@@ -776,6 +819,10 @@ def extract(config: Path, out: Path, dce: bool, minified: bool, compressed: bool
     report = {"config": config.name, "trainer_sha256": hashlib.sha256(source.encode()).hexdigest(), "sizes": sizes}
     text = source
     if dce:
+        problems = convention_problems(source, module.Hyperparameters.SETTINGS)
+        if problems:
+            raise ValueError(f"{trainer} breaks the feature-block convention (README, Contributing), so its feature "
+                             "report could not be trusted: " + "; ".join(problems))
         result = dead_code_eliminate(source, values, raw_config)
         text = result.source
         sizes["dce"] = len(text.encode())
@@ -790,7 +837,9 @@ def extract(config: Path, out: Path, dce: bool, minified: bool, compressed: bool
     sizes["compress_code"] = len(packed.encode())
     shipped = packed if compressed else text
     out.mkdir(parents=True, exist_ok=True)
+    (out / "extraction.json").unlink(missing_ok=True)  # a failed check must not leave an earlier file's record
     (out / "train_gpt.py").write_text(shipped, encoding="utf-8")
+    report["shipped_sha256"] = hashlib.sha256(shipped.encode()).hexdigest()
     shutil.copyfile(config, out / config.name)
     sizes["shipped"] = len(shipped.encode())
     for line in report.get("features", []):
@@ -935,6 +984,34 @@ def run_overrides(config: dict[str, str], logged: dict[str, str]) -> dict[str, s
             if name in config and name not in ignored and not _same_setting(config[name], value)}
 
 
+def extraction_record(folder: Path) -> dict:
+    """The folder's extraction.json ({} when it has none), refused unless it describes the folder's train_gpt.py:
+    its equivalence line is copied into the README."""
+    path = folder / "extraction.json"
+    if not path.is_file():
+        return {}
+    record = json.loads(path.read_text())
+    shipped = hashlib.sha256((folder / "train_gpt.py").read_bytes()).hexdigest()
+    if record.get("shipped_sha256") != shipped:
+        raise SubmissionError(f"{path} does not describe {folder / 'train_gpt.py'} (sha256 {shipped[:16]}, recorded "
+                              f"{str(record.get('shipped_sha256'))[:16]}): extract again (build_submission.py extract)")
+    return record
+
+
+def folder_config(folder: Path, record: dict) -> Path | None:
+    """The env file the folder's runs used: the one extraction.json names, else the folder's only one."""
+    if record.get("config"):
+        path = folder / record["config"]
+        if not path.is_file():
+            raise SubmissionError(f"extraction.json names {record['config']}, which is not in {folder}")
+        return path
+    configs = sorted(folder.glob("*.env"))
+    if len(configs) > 1:
+        raise SubmissionError(f"{folder} holds several env files ({', '.join(p.name for p in configs)}) and no "
+                              "extraction.json naming one: keep only the one the runs used")
+    return configs[0] if configs else None
+
+
 def finalize(folder: Path, logs: list[Path], track: str, name: str, author: str, github_id: str, blurb: str | None) -> dict:
     code_path = folder / "train_gpt.py"
     if not code_path.is_file():
@@ -958,7 +1035,12 @@ def finalize(folder: Path, logs: list[Path], track: str, name: str, author: str,
     bpb, bpb_std = mean_std([run.val_bpb for run in runs])
     loss, loss_std = mean_std([run.val_loss for run in runs])
     model_bytes = max(run.model_bytes for run in runs)
-    extraction = json.loads((folder / "extraction.json").read_text()) if (folder / "extraction.json").is_file() else {}
+    if code_bytes + model_bytes > SIZE_CAP:
+        raise SubmissionError(f"code {code_bytes:,} + model {model_bytes:,} (largest over seeds) = "
+                              f"{code_bytes + model_bytes:,} bytes, over the cap of {SIZE_CAP:,}: shrink the model or "
+                              "the code (build_submission.py extract --dce --minify --compress-code)")
+    extraction = extraction_record(folder)
+    env_file = folder_config(folder, extraction)
     config = runs[0].config
     hardware = runs[0].hardware
     cpu = not any(line.startswith("gpu:") for line in hardware)
@@ -981,12 +1063,11 @@ def finalize(folder: Path, logs: list[Path], track: str, name: str, author: str,
             shutil.copyfile(run.log, target)
     (folder / "submission.json").write_text(json.dumps(submission, indent=2) + "\n")
     (folder / "requirements.txt").write_text("\n".join(requirements_for(code_source(code_path))) + "\n")
-    configs = sorted(p.name for p in folder.glob("*.env"))
-    if not configs:
-        (folder / "config_from_log.env").write_text("".join(f"{k}={v}\n" for k, v in config.items()))
-        configs = ["config_from_log.env"]
+    if env_file is None:
+        env_file = folder / "config_from_log.env"
+        env_file.write_text("".join(f"{k}={v}\n" for k, v in config.items()))
     from skcgolf import trainrun
-    overrides = run_overrides(trainrun.read_env_file(folder / configs[0]), config)
+    overrides = run_overrides(trainrun.read_env_file(env_file), config)
     launch = " ".join(f"{k}={v}" for k, v in overrides.items())
     rows = "\n".join(f"| {r.seed} | {r.val_loss:.8f} | {r.val_bpb:.8f} | {r.steps} | {r.train_s:.1f} | {r.eval_s:.1f} | "
                      f"{r.model_bytes:,} | {code_bytes + r.model_bytes:,} |" for r in runs)
@@ -1003,13 +1084,13 @@ def finalize(folder: Path, logs: list[Path], track: str, name: str, author: str,
               "Timings (from the logs): training counts the step loop plus calibration and temperature fitting, which "
               "read training data; evaluation counts the scored mode including artifact loading and warm-up.", "",
               "## Architecture", "", *architecture_lines(config, extraction.get("features", [])), "",
-              "## Configuration", "", f"`{configs[0]}` (every setting; the logs' `config` lines are the resolved values).", ""]
+              "## Configuration", "", f"`{env_file.name}` (every setting; the logs' `config` lines are the resolved values).", ""]
     if sizes:
         readme += ["## Code", "", "`train_gpt.py` was extracted from the skc-golf trainer for this config "
                    f"(code bytes: {', '.join(f'{k} {v:,}' for k, v in sizes.items())}).",
                    f"Equivalence with the full trainer: {extraction.get('equivalence', 'not recorded')}", ""]
     readme += ["## Reproduction", "", "From the repository root, once per seed (`train_gpt.py` carries the config as "
-               f"its defaults; the settings shown are those the runs set beyond `{configs[0]}`):", "", "```",
+               f"its defaults; the settings shown are those the runs set beyond `{env_file.name}`):", "", "```",
                f"SEED=<seed> {launch + ' ' if launch else ''}./run_skc_competition_8xh100.sh --script "
                f"{folder.as_posix()}/train_gpt.py" if not cpu else
                f"SEED=<seed> {launch + ' ' if launch else ''}python {folder.as_posix()}/train_gpt.py",
@@ -1043,17 +1124,33 @@ def check_folder(folder: Path, legality: bool = True, log=print) -> list[Finding
         return findings
     runs = [read_run(path) for path in logs]
     code_bytes = code_path.stat().st_size
-    counted = {run.log.name: run.code_bytes for run in runs if run.code_bytes is not None and run.code_bytes != code_bytes}
+    counted = {run.log.name: run.code_bytes for run in runs if run.code_bytes != code_bytes}
     note(not counted, "code bytes", f"train_gpt.py is {code_bytes:,} bytes" + (
-        "; the logs counted " + ", ".join(f"{n}: {c:,}" for n, c in counted.items()) + " (the logs did not come from this file)"
-        if counted else ", as every log counted"))
+        "; the logs counted " + ", ".join(f"{n}: {'no code bytes' if c is None else f'{c:,}'}" for n, c in counted.items())
+        + " (the logs did not come from this file)" if counted else ", as every log counted"))
     model_sizes = [run.model_bytes for run in runs if run.model_bytes is not None]
+    total = code_bytes + max(model_sizes, default=0)
     if len(model_sizes) != len(runs):
-        note(False, "model bytes", "a log reports no model bytes")
-    model_bytes = max(model_sizes, default=0)
-    total = code_bytes + model_bytes
-    note(total <= SIZE_CAP, "size cap", f"code {code_bytes:,} + model {model_bytes:,} (largest over seeds) = {total:,} "
-         f"{'<=' if total <= SIZE_CAP else '>'} {SIZE_CAP:,} (headroom {SIZE_CAP - total:,})")
+        note(False, "size cap", f"{len(runs) - len(model_sizes)} log(s) report no model bytes: the total is unknown")
+    else:
+        note(total <= SIZE_CAP, "size cap", f"code {code_bytes:,} + model {max(model_sizes):,} (largest over seeds) = "
+             f"{total:,} {'<=' if total <= SIZE_CAP else '>'} {SIZE_CAP:,} (headroom {SIZE_CAP - total:,})")
+    code_files = sorted(p.name for p in folder.iterdir() if p.suffix == ".py" and p.name != "train_gpt.py")
+    note(not code_files, "code files", f"code outside train_gpt.py is not counted: {', '.join(code_files)}"
+         if code_files else "train_gpt.py holds all the code")
+    try:
+        record = json.loads((folder / "extraction.json").read_text()) if (folder / "extraction.json").is_file() else {}
+    except json.JSONDecodeError as error:
+        note(False, "extraction record", f"extraction.json is not valid JSON: {error}")
+        record = {}
+    if record and "shipped_sha256" not in record:
+        log("[INFO] extraction record: written before extraction.json held the shipped file's sha256; not verified")
+    elif record:
+        try:
+            extraction_record(folder)
+            note(True, "extraction record", "extraction.json describes this train_gpt.py")
+        except SubmissionError as error:
+            note(False, "extraction record", str(error))
     try:
         submission = json.loads(json_path.read_text())
     except json.JSONDecodeError as error:
@@ -1081,20 +1178,28 @@ def check_folder(folder: Path, legality: bool = True, log=print) -> list[Finding
     keys = {run.score_key for run in runs}
     note(not bad and len(keys) == 1, "score lines", "; ".join(bad[:3]) if bad else
          f"every score line parses; scored by {keys.pop()}_exact" if len(keys) == 1 else f"the logs score different modes: {sorted(keys)}")
-    for run in runs:
-        limit = TRAIN_BUDGET_S + run.last_step_s
-        note(run.train_s is not None and run.train_s <= limit, f"training time {run.log.name}",
-             "no training time in the log" if run.train_s is None else
-             f"{run.train_s:.1f} s (step loop + post-training fits) {'<=' if run.train_s <= limit else '>'} "
-             f"{TRAIN_BUDGET_S:.0f} s (+{run.last_step_s:.2f} s for the step that crosses the cap)")
-        note(run.eval_s is not None and run.eval_s <= EVAL_BUDGET_S, f"evaluation time {run.log.name}",
-             "no eval_time on the score line" if run.eval_s is None else
-             f"{run.eval_s:.1f} s for {run.score_key} (artifact load and warm-up included) "
-             f"{'<=' if run.eval_s <= EVAL_BUDGET_S else '>'} {EVAL_BUDGET_S:.0f} s")
+    track = submission.get("track") or next((t for t in TRACKS if folder.resolve().parent.name == f"track_{t}"), None)
+    if track == "non_record_16mb":
+        log(f"[INFO] time limits: not applied ({TRACKS[track]})")
+    else:
+        for run in runs:
+            limit = TRAIN_BUDGET_S + run.last_step_s
+            note(run.train_s is not None and run.train_s <= limit, f"training time {run.log.name}",
+                 "no training time in the log" if run.train_s is None else
+                 f"{run.train_s:.1f} s (step loop + post-training fits) {'<=' if run.train_s <= limit else '>'} "
+                 f"{TRAIN_BUDGET_S:.0f} s (+{run.last_step_s:.2f} s for the step that crosses the cap)")
+            note(run.eval_s is not None and run.eval_s <= EVAL_BUDGET_S, f"evaluation time {run.log.name}",
+                 "no eval_time on the score line" if run.eval_s is None else
+                 f"{run.eval_s:.1f} s for {run.score_key} (artifact load and warm-up included) "
+                 f"{'<=' if run.eval_s <= EVAL_BUDGET_S else '>'} {EVAL_BUDGET_S:.0f} s")
     if legality and str(submission.get("builder", "")).startswith("skc-golf"):
-        configs = sorted(folder.glob("*.env"))
         from skcgolf import trainrun
-        raw_config = trainrun.read_env_file(configs[0]) if configs else runs[0].config
+        try:
+            env_file = folder_config(folder, record)
+        except SubmissionError as error:
+            note(False, "legality suite", f"no config to run it with: {error}")
+            return findings
+        raw_config = trainrun.read_env_file(env_file) if env_file else runs[0].config
         with tempfile.TemporaryDirectory(prefix="legality_") as work:
             for ok, what, detail in legality_suite(code_path, raw_config, Path(work)):
                 note(ok, f"legality: {what}", detail)

@@ -883,15 +883,19 @@ def check_tokenizer_spec(args: Hyperparameters, vocab_size: int) -> None:
                                   f"tokenizer has {vocab_size}: point DATA_PATH and TOKENIZER_PATH at the same variant")
 
 
-def load_validation_tokens(data_path: str, seq_len: int, vocab_size: int, max_tokens: int = 0) -> np.ndarray:
-    """The validation stream, cut to whole sequences plus one token (as the official script does)."""
+def load_validation_tokens(data_path: str, seq_len: int, vocab_size: int, max_tokens: int = 0,
+                           eval_len: int = 0) -> np.ndarray:
+    """The validation stream, cut to whole sequences plus one token (as the official script does). It must hold
+    one training sequence and one evaluation window (eval_len), which scoring reads in full."""
     tokens = np.concatenate([read_shard(f) for f in shard_files(data_path, "val")])
     if max_tokens:
         tokens = tokens[:max_tokens + 1]
     usable = (tokens.size - 1) // seq_len * seq_len
-    if usable <= 0:
-        raise ShardError(f"the validation split in DATA_PATH={data_path} has {tokens.size} tokens, fewer than one "
-                         f"sequence of {seq_len}")
+    if usable <= 0 or usable < eval_len:
+        cut = f"VAL_MAX_TOKENS={max_tokens} leaves" if max_tokens else f"the validation split in DATA_PATH={data_path} has"
+        raise ShardError(f"{cut} {usable} whole-sequence targets, fewer than one training sequence of {seq_len} "
+                         f"and one evaluation window of {max(eval_len, seq_len)}: raise VAL_MAX_TOKENS or lower "
+                         "EVAL_SEQ_LEN")
     if int(tokens.max()) >= vocab_size:
         raise ShardError(f"the validation split in DATA_PATH={data_path} holds token id {int(tokens.max())} >= "
                          f"VOCAB_SIZE={vocab_size}")
@@ -3721,7 +3725,9 @@ def scored(ctx: StreamContext, lo: int, hi: int, losses: Tensor) -> ScoredTarget
 def evaluate_windows(model: GPT, ctx: StreamContext, stride: int, rt: Runtime, observer=None,
                      progress: Progress | None = None) -> ScoredTargets:
     """Plain (stride == seq_len) or sliding-window scoring. The global window list is fixed first and then cut
-    into contiguous shares, so the windows, and the score, do not depend on the world or batch size."""
+    into contiguous shares, so the windows, and the score, do not depend on the world or batch size. The one
+    exception is CAPSULE_CARRY: each rank's carry starts empty at its share's first window (see CapsuleCarry), so
+    a carried score holds for the world size it was measured with."""
     windows = plan_windows(1, ctx.num_targets + 1, ctx.num_targets, ctx.seq_len, stride)
     mine = windows[len(windows) * rt.rank // rt.world_size:len(windows) * (rt.rank + 1) // rt.world_size]
     if progress is not None:
@@ -4168,7 +4174,8 @@ def run(args: Hyperparameters, rt: Runtime, log: Logger, status: RunStatus) -> N
     args = args.replace({"VOCAB_SIZE": inputs.vocab_size})
     vocab_size = args.vocab_size
     tables = build_byte_tables(inputs.sp, vocab_size, rt.device)
-    val_tokens = load_validation_tokens(args.data_path, args.train_seq_len, vocab_size, args.val_max_tokens)
+    val_tokens = load_validation_tokens(args.data_path, args.train_seq_len, vocab_size, args.val_max_tokens,
+                                        args.eval_len)
     log(f"val_tokens:{val_tokens.size - 1}")
     if args.val_max_tokens:
         log(f"WARNING: PARTIAL VALIDATION: VAL_MAX_TOKENS={args.val_max_tokens} scores {val_tokens.size - 1} tokens; "

@@ -961,7 +961,8 @@ def run(args: Hyperparameters, log: Logger, status: train_gpt.RunStatus) -> None
     vocab_size = inputs.vocab_size
     args = args.replace({"VOCAB_SIZE": vocab_size})
     tables = train_gpt.build_byte_tables(inputs.sp, vocab_size, SINGLE.device)
-    val_tokens = train_gpt.load_validation_tokens(args.data_path, args.train_seq_len, vocab_size, args.val_max_tokens)
+    val_tokens = train_gpt.load_validation_tokens(args.data_path, args.train_seq_len, vocab_size,
+                                                  args.val_max_tokens, args.eval_len)
     log(f"val_tokens:{val_tokens.size - 1}")
     if args.val_max_tokens:
         log(f"WARNING: PARTIAL VALIDATION: VAL_MAX_TOKENS={args.val_max_tokens} scores {val_tokens.size - 1} tokens; "

@@ -170,6 +170,32 @@ def test_dce_folds_conditions_and_removes_what_they_left_unreferenced():
     assert "'N': Setting(2)" in source and "'MODE': Setting('a')" in source
 
 
+def test_dce_keeps_the_settings_checks_that_read_a_value_before_the_class_rewrites_it(tmp_path):
+    """baseline.env sets WARMDOWN_ITERS, so the settings class rewrites WARMDOWN_FRACTION to 0 after checking that
+    it was not also set; folding that check with the rewritten 0 would let the extract take both silently."""
+    raw = trainrun.read_env_file(REPO_ROOT_FOR_TESTS / "configs" / "baseline.env")
+    args = train_gpt.Hyperparameters(raw)
+    result = build_submission.dead_code_eliminate(SOURCE, {n: getattr(args, n.lower()) for n in SETTINGS}, raw)
+    path = tmp_path / "train_gpt.py"
+    path.write_text(result.source)
+    module = build_submission.load_module(path, "baseline_extract")
+    module.Hyperparameters(raw)
+    for hyper in (train_gpt.Hyperparameters, module.Hyperparameters):
+        with pytest.raises(ValueError, match="both set the warm-down"):
+            hyper({**raw, "WARMDOWN_FRACTION": "0.3"})
+
+
+def test_an_env_file_name_the_trainer_does_not_read_is_refused_and_design_names_become_ours(tmp_path):
+    config = tmp_path / "typo.env"
+    config.write_text("NUM_LAYERS=2\nGRAD_ACCUM_STEPS=2\nMODEL_DIMS=64\n")
+    with pytest.raises(ValueError, match=r"sets GRAD_ACCUM_STEPS, MODEL_DIMS \(did you mean MODEL_DIM\?\)"):
+        build_submission.extract(config, tmp_path / "out", dce=True, minified=False, compressed=False, log=lambda line: None)
+    assert not (tmp_path / "out").exists()
+    alias, ours = next(iter(train_gpt.Hyperparameters.DESIGN_ALIASES.items()))
+    resolved = build_submission.config_settings(train_gpt, {"NUM_LAYERS": "2", alias: "1", "OMP_NUM_THREADS": "2"}, config)
+    assert resolved == {"NUM_LAYERS": "2", ours: "1", "OMP_NUM_THREADS": "2"}
+
+
 @pytest.fixture(scope="module")
 def competition_extract(tmp_path_factory):
     """configs/skc_competition.env through --dce: (raw config, DceResult, the extracted module)."""
@@ -337,7 +363,38 @@ def test_check_fails_claims_the_logs_do_not_support(records_folder):
     (folder / "train_seed3.log").write_text(run_log(1, 1.49, (folder / "train_gpt.py").stat().st_size, train_ms=700_000))
     found = failed(folder)
     assert "val_bpb claims 1.4" in found["claims vs logs"] and "github_id" in found["submission.json fields"]
-    assert found["seeds"] == "[1, 2, 1]" and "700.0 s" in found["training time train_seed3.log"]
+    assert found["seeds"] == "[1, 2, 1]" and "training time train_seed3.log" not in found  # the non-record track
+    submission["track"] = "10min_16mb"
+    (folder / "submission.json").write_text(json.dumps(submission))
+    assert "700.0 s" in failed(folder)["training time train_seed3.log"]
+
+
+def test_check_fails_what_it_cannot_verify(records_folder):
+    folder, _ = records_folder
+    code_bytes = (folder / "train_gpt.py").stat().st_size
+    (folder / "train_seed3.log").write_text(run_log(3, 1.49, code_bytes).replace(f"artifact code_bytes:{code_bytes} ", "artifact "))
+    (folder / "helpers.py").write_text("x = 1\n")
+    (folder / "extraction.json").write_text(json.dumps({"config": "a.env", "shipped_sha256": "0" * 64}))
+    found = failed(folder)
+    assert "train_seed3.log: no code bytes" in found["code bytes"] and "report no model bytes" in found["size cap"]
+    assert "helpers.py" in found["code files"] and "extract again" in found["extraction record"]
+
+
+def test_finalize_refuses_a_stale_extraction_record_and_an_ambiguous_config(records_folder, tmp_path):
+    folder, _ = records_folder
+    logs = sorted(folder.glob("train_seed*.log"))
+    final = lambda: build_submission.finalize(folder, logs, "non_record_16mb", "n", "a", "g", None)
+    (folder / "a.env").write_text("NUM_LAYERS=2\n")
+    (folder / "b.env").write_text("NUM_LAYERS=3\n")
+    with pytest.raises(build_submission.SubmissionError, match="several env files"):
+        final()
+    sha = build_submission.hashlib.sha256((folder / "train_gpt.py").read_bytes()).hexdigest()
+    (folder / "extraction.json").write_text(json.dumps({"config": "b.env", "shipped_sha256": sha}))
+    final()
+    assert "`b.env`" in (folder / "README.md").read_text()
+    (folder / "train_gpt.py").write_text("print('a shipped trainex')\n")  # same size, other code
+    with pytest.raises(build_submission.SubmissionError, match="does not describe"):
+        final()
 
 
 def test_legality_suite_passes_the_extract_and_catches_a_non_causal_edit(competition_extract, tmp_path):

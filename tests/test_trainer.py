@@ -64,6 +64,17 @@ def test_token_ids_beyond_the_vocabulary_raise(tmp_path):
         stream.take(2)
 
 
+def test_a_validation_stream_shorter_than_one_eval_window_is_refused(tmp_path):
+    """Scoring reads one whole EVAL_SEQ_LEN window: a shorter stream (VAL_MAX_TOKENS, a tiny split) would index past
+    its end, so it is refused with the settings to change."""
+    train_gpt.write_shard(tmp_path / "fineweb_val_000000.bin", np.arange(1, 202, dtype=np.uint16))
+    assert train_gpt.load_validation_tokens(str(tmp_path), 64, 512, eval_len=192).size == 193
+    with pytest.raises(train_gpt.ShardError, match="VAL_MAX_TOKENS=100 leaves 64 .* window of 128.*EVAL_SEQ_LEN"):
+        train_gpt.load_validation_tokens(str(tmp_path), 64, 512, max_tokens=100, eval_len=128)
+    with pytest.raises(train_gpt.ShardError, match="has 192 whole-sequence targets"):
+        train_gpt.load_validation_tokens(str(tmp_path), 64, 512, eval_len=256)
+
+
 def test_byte_tables_count_the_decoded_utf8_bytes_of_each_document(tiny_data):
     tables = train_gpt.build_byte_tables(tiny_data.sp, tiny_data.sp.vocab_size(), torch.device("cpu"))
     for doc in tiny_data.val_docs[:40]:
