@@ -539,15 +539,16 @@ def feature_report(original: ast.Module, source: str, extracted: ast.Module, val
         flags = ", ".join(f"{f.name}={_env_text(values[f.name])}" for f in block.flags if f.name in values)
         on = any(f.is_on(values[f.name]) for f in block.flags if f.name in values)
         kept = [n for n in names if n in survivors]
-        kept += [f"the statement at line {node.lineno}" for node in extracted.body
-                 if block.first_line < node.lineno < block.last_line and not _bound_names(node)]
+        stranded = [node.lineno for node in extracted.body  # statements DCE never removes (no name to trace)
+                    if block.first_line < node.lineno < block.last_line and not _bound_names(node)]
         if on:
             lines.append(f"feature {block.name} ({flags}): on, code kept")
-        elif not kept:
+        elif not kept and not stranded:
             lines.append(f"feature {block.name} ({flags}): off, removed {', '.join(names)}")
         else:
-            why = "; ".join(f"{n} used by {', '.join(sorted(users.get(n, {'?'}) - {n}))}" if n in users else
-                            f"{n} (not removable: it may have side effects)" for n in kept)
+            why = "; ".join([f"{n} used by {', '.join(sorted(users.get(n, {'?'}) - {n}))}" for n in kept]
+                            + [f"the statement at line {line} (not removable: it may have side effects)"
+                               for line in stranded])
             lines.append(f"feature {block.name} ({flags}): off, BUT KEPT {why} (guard those uses with a condition "
                          "over settings, see the README's feature-block convention)")
     return lines
@@ -793,16 +794,15 @@ def config_settings(module, raw_config: dict[str, str], config: Path) -> dict[st
     so a name it does not know is an error here (the trainer itself lets unknown process variables pass);
     the design's names become ours, so that the tiny runs and the extracted defaults see the same config."""
     hyper = module.Hyperparameters
-    aliases = getattr(hyper, "DESIGN_ALIASES", {})
-    unknown = [name for name in raw_config if name not in hyper.SETTINGS and name not in aliases
-               and name not in getattr(hyper, "DESIGN_REFUSED", {}) and name not in module.FOREIGN_ENV_NAMES
+    unknown = [name for name in raw_config if name not in hyper.SETTINGS and name not in hyper.DESIGN_ALIASES
+               and name not in hyper.DESIGN_REFUSED and name not in module.FOREIGN_ENV_NAMES
                and not name.startswith(module.FOREIGN_ENV_PREFIXES)]
     if unknown:
         hints = [f"{name} (did you mean {close}?)" if (close := module.close_setting(name, hyper.SETTINGS)) else name
                  for name in unknown]
         raise ValueError(f"{config} sets {', '.join(hints)}, which the trainer does not read: fix or remove "
                          "the line (an unread setting would ship as its default)")
-    return hyper._resolve_design_names(raw_config) if aliases else dict(raw_config)
+    return hyper._resolve_design_names(raw_config)
 
 
 def extract(config: Path, out: Path, dce: bool, minified: bool, compressed: bool, trainer: Path = TRAINER,
@@ -838,10 +838,11 @@ def extract(config: Path, out: Path, dce: bool, minified: bool, compressed: bool
     shipped = packed if compressed else text
     out.mkdir(parents=True, exist_ok=True)
     (out / "extraction.json").unlink(missing_ok=True)  # a failed check must not leave an earlier file's record
-    (out / "train_gpt.py").write_text(shipped, encoding="utf-8")
-    report["shipped_sha256"] = hashlib.sha256(shipped.encode()).hexdigest()
+    shipped_bytes = shipped.encode("utf-8")
+    (out / "train_gpt.py").write_bytes(shipped_bytes)
+    report["shipped_sha256"] = hashlib.sha256(shipped_bytes).hexdigest()
     shutil.copyfile(config, out / config.name)
-    sizes["shipped"] = len(shipped.encode())
+    sizes["shipped"] = len(shipped_bytes)
     for line in report.get("features", []):
         log(line)
     log("code bytes: " + ", ".join(f"{stage} {size:,}" for stage, size in sizes.items())
@@ -984,18 +985,20 @@ def run_overrides(config: dict[str, str], logged: dict[str, str]) -> dict[str, s
             if name in config and name not in ignored and not _same_setting(config[name], value)}
 
 
-def extraction_record(folder: Path) -> dict:
-    """The folder's extraction.json ({} when it has none), refused unless it describes the folder's train_gpt.py:
-    its equivalence line is copied into the README."""
+def read_extraction(folder: Path) -> dict:
+    """The folder's extraction.json, {} when it has none."""
     path = folder / "extraction.json"
-    if not path.is_file():
-        return {}
-    record = json.loads(path.read_text())
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def verify_extraction(folder: Path, record: dict) -> None:
+    """Refuse an extraction record that does not describe the folder's train_gpt.py: its equivalence line is
+    copied into the README."""
     shipped = hashlib.sha256((folder / "train_gpt.py").read_bytes()).hexdigest()
     if record.get("shipped_sha256") != shipped:
-        raise SubmissionError(f"{path} does not describe {folder / 'train_gpt.py'} (sha256 {shipped[:16]}, recorded "
-                              f"{str(record.get('shipped_sha256'))[:16]}): extract again (build_submission.py extract)")
-    return record
+        raise SubmissionError(f"{folder / 'extraction.json'} does not describe {folder / 'train_gpt.py'} (sha256 "
+                              f"{shipped[:16]}, recorded {str(record.get('shipped_sha256'))[:16]}): extract again "
+                              "(build_submission.py extract)")
 
 
 def folder_config(folder: Path, record: dict) -> Path | None:
@@ -1039,7 +1042,9 @@ def finalize(folder: Path, logs: list[Path], track: str, name: str, author: str,
         raise SubmissionError(f"code {code_bytes:,} + model {model_bytes:,} (largest over seeds) = "
                               f"{code_bytes + model_bytes:,} bytes, over the cap of {SIZE_CAP:,}: shrink the model or "
                               "the code (build_submission.py extract --dce --minify --compress-code)")
-    extraction = extraction_record(folder)
+    extraction = read_extraction(folder)
+    if extraction:
+        verify_extraction(folder, extraction)
     env_file = folder_config(folder, extraction)
     config = runs[0].config
     hardware = runs[0].hardware
@@ -1139,7 +1144,7 @@ def check_folder(folder: Path, legality: bool = True, log=print) -> list[Finding
     note(not code_files, "code files", f"code outside train_gpt.py is not counted: {', '.join(code_files)}"
          if code_files else "train_gpt.py holds all the code")
     try:
-        record = json.loads((folder / "extraction.json").read_text()) if (folder / "extraction.json").is_file() else {}
+        record = read_extraction(folder)
     except json.JSONDecodeError as error:
         note(False, "extraction record", f"extraction.json is not valid JSON: {error}")
         record = {}
@@ -1147,7 +1152,7 @@ def check_folder(folder: Path, legality: bool = True, log=print) -> list[Finding
         log("[INFO] extraction record: written before extraction.json held the shipped file's sha256; not verified")
     elif record:
         try:
-            extraction_record(folder)
+            verify_extraction(folder, record)
             note(True, "extraction record", "extraction.json describes this train_gpt.py")
         except SubmissionError as error:
             note(False, "extraction record", str(error))

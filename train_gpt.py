@@ -891,7 +891,7 @@ def load_validation_tokens(data_path: str, seq_len: int, vocab_size: int, max_to
     if max_tokens:
         tokens = tokens[:max_tokens + 1]
     usable = (tokens.size - 1) // seq_len * seq_len
-    if usable <= 0 or usable < eval_len:
+    if usable < max(seq_len, eval_len):
         cut = f"VAL_MAX_TOKENS={max_tokens} leaves" if max_tokens else f"the validation split in DATA_PATH={data_path} has"
         raise ShardError(f"{cut} {usable} whole-sequence targets, fewer than one training sequence of {seq_len} "
                          f"and one evaluation window of {max(eval_len, seq_len)}: raise VAL_MAX_TOKENS or lower "
