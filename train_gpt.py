@@ -176,6 +176,9 @@ class Hyperparameters:
         "TRAIN_LOG_EVERY": Setting(200, lo=1),
         "GRAD_CLIP_NORM": Setting(0.0, lo=0.0),
         "MODEL_COMPILE": Setting("auto", choices=("auto", "0", "1")),
+        # Same seed and same steps, same weights: torch's deterministic kernels. Compiled CPU training otherwise
+        # sums embedding gradients with atomic adds, in an order that changes from run to run.
+        "DETERMINISTIC": Setting(False),
         # (checkpoints are off by default: in the 10-minute track their write time counts as training time)
         # feature: checkpoints
         "CHECKPOINT_EVERY": Setting(0, lo=0),  # steps; 0: no step-based checkpoints
@@ -2165,6 +2168,9 @@ def init_runtime(args: Hyperparameters) -> Runtime:
         torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device("cpu")
+    if args.deterministic:  # before the first cuBLAS call, which reads its workspace setting
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(args.deterministic)  # on: an op with no deterministic kernel raises, naming itself
     if distributed:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None,
@@ -3568,7 +3574,12 @@ class CapsuleCarry:
     positions before its first input and of its own document (a BOS empties it), so it reads only earlier tokens;
     every encoder of a batch runs before any decoder, so a window's carry also counts the windows batched before
     it, and the carries, like the score, do not depend on the batch size. Each rank starts empty at its first
-    window (as TTT starts each rank from the artifact)."""
+    window (as TTT starts each rank from the artifact).
+
+    Which positions the carry sums stops at a BOS; what a position contributes does not on the attention model,
+    whose attention (like the official model's) reads the whole window, earlier documents included: the carry
+    then brings that content into later windows. Every such token is earlier and already scored, so this is
+    causal; it is document-local only where no layer attends (ARCHITECTURE=skc, tested for BOS locality)."""
 
     def __init__(self, ctx: StreamContext, decay: float):
         self.last_bos, self.log_decay = ctx.last_bos, math.log(decay)
@@ -3674,14 +3685,15 @@ def score_windows(model: GPT, ctx: StreamContext, windows: list[Window], rt: Run
     losses = []
     span = np.arange(ctx.seq_len)
     offsets = torch.arange(ctx.seq_len, device=rt.device)
-    compiled = ctx.forward.compiled and carry is None  # (the carry's state changes from batch to batch: eager)
+    args = model.args
+    compiled = ctx.forward.compiled and not args.capsule_carry  # (the carry's state changes from batch to batch: eager)
     for i in range(0, len(windows), ctx.batch_windows):
         group = windows[i:i + ctx.batch_windows]
         padding = ctx.batch_windows - len(group) if compiled else 0  # one shape, one compiled graph
         starts = torch.tensor([w.start for w in group] + [group[-1].start] * padding, device=rt.device)
         inputs = ctx.val[starts[:, None] + offsets]
         with rt.autocast():
-            if carry is not None:
+            if args.capsule_carry:
                 hidden = model.hidden_states(inputs, carry.forward_context(group))
             else:
                 hidden = ctx.forward.hidden(model, inputs)[:len(group)]

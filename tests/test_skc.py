@@ -287,7 +287,8 @@ def test_aux_losses_are_returned_in_training_and_absent_at_eval():
 @pytest.mark.parametrize("overrides", [
     FULL_SKC, dict(ARCHITECTURE="hybrid", SKC_LAYERS="0,3", SKC_CHUNK=8, SKC_PARALLEL_RESIDUAL=1),
     dict(ARCHITECTURE="skc", SKC_CHUNK=16, SHARED_BLOCKS=2, RECURRENCE_DEPTH=1, **CAPSULES, FEEDBACK_PASSES=1,
-         ADAPTIVE_HALT_ENABLED=1)])
+         ADAPTIVE_HALT_ENABLED=1),
+    dict(**CAPSULES), dict(**CAPSULES, CAPSULE_CARRY=1)])  # the capsule bank on the attention model
 def test_every_skc_parameter_has_a_role_is_exported_and_round_trips(overrides):
     args = make_args(**overrides)
     model = make_model(args, noise=0.05)

@@ -240,6 +240,20 @@ def test_training_lowers_the_loss_and_logs_the_official_lines(tiny_data):
     assert "train_done steps:30" in log
 
 
+def test_deterministic_run_has_a_deterministic_kernel_for_every_op(tiny_data):
+    """DETERMINISTIC=1 turns torch's deterministic kernels on, which raise for an op that has none: training,
+    export and every evaluation of a model with EngramHash (embedding-bag style gathers and scatters) run."""
+    env = tiny_data.env(ITERATIONS=4, RUN_ID="deterministic", DETERMINISTIC=1, SLIDING_EVAL_STRIDE=8, ENGRAM_ENABLED=1,
+                        ENGRAM_DIM=32, ENGRAM_BUCKETS=64, ENGRAM_LAYER=0)
+    try:
+        train_gpt.main(env)
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    log = (tiny_data.root / "logs" / "deterministic.txt").read_text()
+    assert "final_sliding_window" in log
+
+
 def test_wallclock_cap_stops_training(tiny_data):
     env = tiny_data.env(ITERATIONS=100000, MAX_WALLCLOCK_SECONDS=2, RUN_ID="capped", TRAIN_LOG_EVERY=1000)
     train_gpt.main(env)
