@@ -33,6 +33,7 @@ MODES = {
 # documents, so the document-locality test uses this mode instead of theirs.
 DOCUMENT_LOCALITY_MODES = {"chunked": MODES["chunked"], "sliding": MODES["sliding"],
                            "streaming": ({}, dict(kind="streaming"))}
+EVERY_MODE = {**MODES, **DOCUMENT_LOCALITY_MODES}
 SKC_CAPSULES = {"CAPSULE_ENABLED": 1, "CAPSULE_NUM": 4, "CAPSULE_DIM": 8}
 # Every setting that changes the forward pass.
 MODEL_FLAGS = {
@@ -113,7 +114,7 @@ def distributions(model, tokens, mode, args, events=None):
         for t, row in zip(targets.tolist(), logp):
             assert t not in rows, f"target {t} scored twice"
             rows[t] = row.clone()
-    part = train_gpt.run_eval_mode(model, ctx, {**MODES, **DOCUMENT_LOCALITY_MODES}[mode][1], args, CPU, observer=observer, events=events)
+    part = train_gpt.run_eval_mode(model, ctx, EVERY_MODE[mode][1], args, CPU, observer=observer, events=events)
     return rows, part
 
 
