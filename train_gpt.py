@@ -259,11 +259,11 @@ class Hyperparameters:
         "SLIDING_EVAL_STRIDE": Setting(0, lo=0),  # 0: off
         # feature: eval_engram
         "EVAL_ENGRAM": Setting(False),
-        "EVAL_ENGRAM_ORDER": Setting(2, lo=2, hi=4),
+        "EVAL_ENGRAM_ORDER": Setting(3, lo=2, hi=4),  # order, weight, centre: best on the proxy (bench/ablations/proxy.md)
         "EVAL_ENGRAM_BUCKETS": Setting(16384, lo=1),  # context buckets for orders above 2
         "EVAL_ENGRAM_ALPHA": Setting(0.1, lo=1e-6),  # Laplace smoothing
-        "EVAL_ENGRAM_WEIGHT": Setting(0.5, lo=0.0),
-        "EVAL_ENGRAM_CENTER": Setting(3.0),  # model entropy (nats) where the gate is half open
+        "EVAL_ENGRAM_WEIGHT": Setting(0.4, lo=0.0),
+        "EVAL_ENGRAM_CENTER": Setting(2.0),  # model entropy (nats) where the gate is half open
         # feature: ttt
         "TTT_ENABLED": Setting(False),
         "TTT_SCOPE": Setting("scalars", choices=("scalars", "all")),

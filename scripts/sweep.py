@@ -16,9 +16,9 @@ A manifest is JSON:
 Precedence, lowest first: base file < manifest env < process environment < config overrides
 < the run's SEED, RUN_ID and LOG_DIR.
 
-Each run logs to <out>/runs/<config>_seed<seed>.log; a run whose log has the final
-round-trip line is not run again. Results: <out>/results.csv, <out>/results.md
-(mean ± std over seeds, delta vs the reference) and <out>/curves.png.
+Each run logs to <out>/runs/<config>_seed<seed>.log; a run whose log ends with
+stop_reason:completed is not run again. Results: <out>/results.csv, <out>/results.md
+(mean ± std over seeds of the scored val_bpb, delta vs the reference) and <out>/curves.png.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from pathlib import Path
 from skcgolf import runlog, trainrun
 
 CONFIG_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-CSV_FIELDS = ["config", "seed", "val_bpb", "val_loss", "prequant_val_bpb", "steps", "tok_s", "ms_per_step",
+CSV_FIELDS = ["config", "seed", "score_bpb", "score_mode", "score_eval_s", "val_bpb", "val_loss", "prequant_val_bpb", "steps", "tok_s", "ms_per_step",
               "total_bytes", "model_bytes", "code_bytes", "export", "partial_validation",
               *(f"router_{name}" for name in runlog.ROUTER_FIGURES), "log"]
 POLL_SECONDS = 2.0
@@ -127,8 +127,9 @@ def validate_runs(runs: list[Run]) -> bool:
 
 def report_run(run: Run, returncode: int, done: int, total: int) -> None:
     figures = runlog.parse_log_file(run.log_path).summary()
-    if returncode == 0 and figures["val_bpb"] is not None:
-        outcome = f"val_bpb {figures['val_bpb']:.4f}  steps {figures['steps']}  tok/s {figures['tok_s']:.0f}"
+    if returncode == 0 and figures["score_bpb"] is not None:
+        outcome = (f"val_bpb {figures['score_bpb']:.4f} ({figures['score_mode']})  steps {figures['steps']}  "
+                   f"tok/s {figures['tok_s']:.0f}")
     else:
         outcome = f"FAILED (exit {returncode}; see {run.log_path})"
     print(f"[{done}/{total}] {run.label}: {outcome}", flush=True)
@@ -187,12 +188,14 @@ def verdict(delta: float | None, delta_se: float | None) -> str:
 
 
 def aggregate(rows: list[dict], config_names: list[str], reference: str) -> list[dict]:
-    """Per config, in manifest order: runs, mean ± std val_bpb, delta vs the reference, means of the rest."""
+    """Per config, in manifest order: runs, mean ± std of the scored val_bpb (each run's last evaluation, as its
+    submission reports it: the round trip unless a config switches on sliding windows or TTT), delta vs the
+    reference, means of the rest."""
     by_config = {name: [row for row in rows if row["config"] == name] for name in config_names}
-    reference_bpb, reference_std = mean_std([row["val_bpb"] for row in by_config[reference]])
+    reference_bpb, reference_std = mean_std([row["score_bpb"] for row in by_config[reference]])
     summaries = []
     for name, config_rows in by_config.items():
-        bpb_mean, bpb_std = mean_std([row["val_bpb"] for row in config_rows])
+        bpb_mean, bpb_std = mean_std([row["score_bpb"] for row in config_rows])
         delta = bpb_mean - reference_bpb if bpb_mean is not None and reference_bpb is not None else None
         delta_se = None  # the standard error of the difference of the two means (unpaired)
         if name != reference and bpb_std is not None and reference_std is not None:
@@ -200,8 +203,9 @@ def aggregate(rows: list[dict], config_names: list[str], reference: str) -> list
         summaries.append({
             "config": name,
             "runs": len(config_rows),
-            "val_bpb_mean": bpb_mean,
-            "val_bpb_std": bpb_std,
+            "score_bpb_mean": bpb_mean,
+            "score_bpb_std": bpb_std,
+            "score_modes": sorted({row["score_mode"] for row in config_rows}),
             "delta_vs_reference": delta,
             "delta_se": delta_se,
             "verdict": verdict(delta, delta_se),
@@ -223,15 +227,15 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 def markdown_table(summaries: list[dict], reference: str) -> str:
     fmt = runlog.fmt
-    lines = [f"| config | runs | val_bpb (mean ± std) | Δ vs {reference} | 2 SE of Δ | verdict | val_loss | steps | tok/s "
-             "| max total bytes |",
-             "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+    lines = [f"| config | runs | scored val_bpb (mean ± std) | scored mode | Δ vs {reference} | 2 SE of Δ | verdict "
+             "| round-trip val_loss | steps | tok/s | max total bytes |",
+             "|---|---:|---:|---|---:|---:|---|---:|---:|---:|---:|"]
     for s in summaries:
-        bpb = fmt(s["val_bpb_mean"], ".4f") + ("" if s["val_bpb_std"] is None else f" ± {s['val_bpb_std']:.4f}")
+        bpb = fmt(s["score_bpb_mean"], ".4f") + ("" if s["score_bpb_std"] is None else f" ± {s['score_bpb_std']:.4f}")
         if s["partial_validation"]:
             bpb += " (partial val)"
         two_se = None if s["delta_se"] is None else 2 * s["delta_se"]
-        cells = [s["config"], str(s["runs"]), bpb, fmt(s["delta_vs_reference"], "+.4f"), fmt(two_se, ".4f"), s["verdict"],
+        cells = [s["config"], str(s["runs"]), bpb, ", ".join(s["score_modes"]) or "—", fmt(s["delta_vs_reference"], "+.4f"), fmt(two_se, ".4f"), s["verdict"],
                  fmt(s["val_loss_mean"], ".4f"),
                  fmt(s["steps_mean"], ".0f"), fmt(s["tok_s_mean"], ",.0f"), fmt(s["total_bytes_max"], ",d")]
         lines.append("| " + " | ".join(cells) + " |")
@@ -242,11 +246,12 @@ def write_markdown(manifest: Manifest, summaries: list[dict], runs: list[Run], p
     unfinished = [run.label for run in runs if not runlog.is_finished(run.log_path)]
     parts = [f"# Sweep results: {manifest.description}", "",
              f"Base: `{manifest.base.relative_to(trainrun.REPO_ROOT)}`, seeds {manifest.seeds}; "
-             "val_bpb is the round-trip figure of the exported artifact; Δ < 0 is better than the reference.", "",
+             "the scored val_bpb is each run's last evaluation of its exported artifact, the figure its submission "
+             "reports (the round trip unless sliding windows or TTT are on); Δ < 0 is better than the reference.", "",
              markdown_table(summaries, manifest.reference), ""]
     parts += [f"- **{c.name}**: {c.why}" for c in manifest.configs if c.why]
     if unfinished:
-        parts += ["", "Not finished (no round-trip line in the log): " + ", ".join(unfinished)]
+        parts += ["", "Not finished (no stop_reason:completed line in the log): " + ", ".join(unfinished)]
     path.write_text("\n".join(parts) + "\n")
 
 

@@ -8,9 +8,13 @@ bench/gpu_report.py, build_submission.py). The log format is the one in the trai
   train_done steps:S train_time:Tms tok_s:T
   artifact code_bytes:C model_bytes:M total_bytes:T cap_bytes:... headroom_bytes:... margin_bytes:...
   final_<export>_roundtrip val_loss:L val_bpb:B eval_time:Tms   (+ the same with _exact, 8 decimals)
+  final_<mode> val_loss:L val_bpb:B eval_time:Tms (+ _exact)    (each evaluation mode switched on, after it)
   router_health_final step:S top1_p_mean:P max_frac_mean:F max_frac_max:F entropy_mean:H ln_experts:L aux_mean:A
       active_min:N collapsed:0|1                                    (MoE runs only)
-A run is finished when its log has the round-trip line.
+  stop_reason:completed steps:S                                    (the last line of a run that finished)
+A run is finished when its log ends with `stop_reason:completed`. Its score is the last `_exact` line: the
+evaluation the submission reports (sliding windows or score-first TTT where they are on), as
+build_submission.py reads it.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from pathlib import Path
 PAIR = re.compile(r"(\w+):(-?(?:nan|inf|\d+(?:\.\d*)?(?:[eE][-+]?\d+)?))")
 CONFIG_LINE = re.compile(r"^(?:config\s+)?([A-Za-z][A-Za-z0-9_]*)(?:=|:\s+)(.*)$")
 ROUNDTRIP_KEY = re.compile(r"^final_(\w+)_roundtrip$")
+SCORE_KEY = re.compile(r"^final_(\w+)_exact$")
 ATTN_BACKEND = re.compile(r"\battn_backend[:=]\s*(\w+)")
 PEAK_MEM = re.compile(r"\bpeak_mem_mib[:=]\s*(\d+(?:\.\d+)?)")
 FINAL_KEYS = ("train_done", "artifact", "router_health_final")
@@ -52,6 +57,7 @@ class RunLog:
     attn_backend: str | None = None
     peak_mem_mib: float | None = None
     partial_validation: bool = False
+    stop_reason: str | None = None  # completed, interrupted, failed, ... (None: the run has not stopped)
 
     @property
     def export(self) -> str | None:
@@ -64,18 +70,29 @@ class RunLog:
 
     @property
     def finished(self) -> bool:
-        return self.export is not None
+        """The run completed: trained, exported and ran every evaluation mode (a run killed during a later mode
+        has its round-trip line but not its score)."""
+        return self.stop_reason == "completed" and self.export is not None
 
     def roundtrip(self) -> dict[str, float]:
         """Round-trip val_loss/val_bpb, the 8-decimal `_exact` figures where the log has them."""
-        if not self.finished:
+        if self.export is None:
             return {}
         key = f"final_{self.export}_roundtrip"
         return {**self.finals[key], **self.finals.get(key + "_exact", {})}
 
+    def score(self) -> dict:
+        """The scored evaluation: the last `_exact` line's mode (e.g. ternary_brotli_roundtrip, sliding_window, ttt),
+        its val_loss/val_bpb and its eval_time (ms, from the line without _exact); {} before the first."""
+        modes = [match.group(1) for key in self.finals if (match := SCORE_KEY.match(key))]
+        if not modes:
+            return {}
+        mode = modes[-1]
+        return {"mode": mode, **self.finals.get(f"final_{mode}", {}), **self.finals[f"final_{mode}_exact"]}
+
     def summary(self) -> dict:
         """The final figures a table needs; None where the log does not have them."""
-        roundtrip = self.roundtrip()
+        roundtrip, score = self.roundtrip(), self.score()
         done = self.finals.get("train_done", {})
         artifact = self.finals.get("artifact", {})
         steps = done.get("steps")
@@ -83,6 +100,9 @@ class RunLog:
         return {
             "val_bpb": roundtrip.get("val_bpb"),
             "val_loss": roundtrip.get("val_loss"),
+            "score_mode": score.get("mode"),
+            "score_bpb": score.get("val_bpb"),
+            "score_eval_s": score["eval_time"] / 1000.0 if "eval_time" in score else None,
             "prequant_val_bpb": self.finals.get("final_prequant", {}).get("val_bpb"),
             "steps": int(steps) if steps is not None else None,
             "tok_s": done.get("tok_s"),
@@ -92,6 +112,7 @@ class RunLog:
             "code_bytes": _int_or_none(artifact.get("code_bytes")),
             "export": self.export,
             "partial_validation": self.partial_validation,
+            "stop_reason": self.stop_reason,
             "attn_backend": self.attn_backend,
             "peak_mem_mib": self.peak_mem_mib,
             **{f"router_{name}": self.finals.get("router_health_final", {}).get(name) for name in ROUTER_FIGURES},
@@ -134,6 +155,8 @@ def _read_line(log: RunLog, line: str) -> None:
         log.finals[first] = parse_pairs(line)
     elif first == "config":
         log.config.update(parse_config(line))
+    elif first.startswith("stop_reason:"):
+        log.stop_reason = first.partition(":")[2]
     if "PARTIAL VALIDATION" in line:
         log.partial_validation = True
     if backend := ATTN_BACKEND.search(line):
@@ -154,5 +177,5 @@ def parse_log_file(path: str | Path) -> RunLog:
 
 
 def is_finished(path: str | Path) -> bool:
-    """True when the log at path exists and has its round-trip line (the run need not be redone)."""
+    """True when the log at path exists and says the run completed (the run need not be redone)."""
     return Path(path).is_file() and parse_log_file(path).finished

@@ -7,8 +7,8 @@ from fake_logs import synthetic_log
 from skcgolf import runlog
 
 
-def entry(name="ours", val_bpb=1.5, model_bytes=1_500_000, returncode=0, partial=False):
-    figures = runlog.parse_log(synthetic_log(val_bpb=val_bpb, partial=partial)).summary()
+def entry(name="ours", val_bpb=1.5, model_bytes=1_500_000, returncode=0, partial=False, modes=(), stopped=None):
+    figures = runlog.parse_log(synthetic_log(val_bpb=val_bpb, partial=partial, modes=modes, stopped=stopped)).summary()
     figures.update(entry=name, model_bytes=model_bytes, returncode=returncode, log="x.log")
     figures["problems"] = proxy.entry_problems(figures)
     return figures
@@ -26,6 +26,17 @@ def test_model_over_the_proxy_cap_fails_loudly():
 def test_failed_run_and_partial_validation_are_problems():
     assert any("exited with 1" in p for p in entry(returncode=1)["problems"])
     assert any("partial" in p for p in entry(partial=True)["problems"])
+
+
+def test_an_entry_is_scored_by_its_last_evaluation_within_the_evaluation_budget():
+    sliding = entry("ours", 1.5, modes=[("sliding_window", 1.2, 40.0)])
+    assert sliding["problems"] == [] and proxy.bpb_ratio([sliding, entry("baseline", 1.5)]) == pytest.approx(0.8)
+    stats = proxy.entry_stats([sliding, entry("baseline", 1.5)])["ours"]
+    assert stats["roundtrip_ratio"] == pytest.approx(1.0) and stats["ratio"] == pytest.approx(0.8)
+    (problem,) = entry("ours", 1.5, modes=[("ttt", 1.2, 601.0)])["problems"]
+    assert "ttt" in problem and "601 s, over the 600 s evaluation budget" in problem
+    (problem,) = entry("ours", 1.5, modes=[("ttt", 1.2, 60.0)], stopped=False)["problems"]
+    assert "did not complete its evaluation" in problem
 
 
 def test_ratio_needs_both_entries_without_problems():

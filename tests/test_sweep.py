@@ -39,6 +39,21 @@ def test_unfinished_and_partial_logs_are_recognized(tmp_path):
     assert runlog.is_finished(path)
 
 
+def test_a_run_killed_during_a_later_evaluation_mode_is_not_finished():
+    killed = runlog.parse_log(synthetic_log(modes=[("sliding_window", 1.4, 30.0)], stopped=False))
+    assert killed.export == "ternary_brotli" and not killed.finished
+    assert runlog.parse_log(synthetic_log(modes=[("sliding_window", 1.4, 30.0)])).finished
+
+
+def test_the_score_is_the_last_exact_line_as_the_submission_reports_it():
+    plain = runlog.parse_log(synthetic_log(val_bpb=1.5)).summary()
+    assert (plain["score_mode"], plain["score_bpb"], plain["score_eval_s"]) == ("ternary_brotli_roundtrip", 1.5, 0.06)
+    modes = [("sliding_window", 1.45, 30.0), ("ttt", 1.41234567, 75.5)]
+    figures = runlog.parse_log(synthetic_log(val_bpb=1.5, modes=modes)).summary()
+    assert figures["val_bpb"] == 1.5  # the round trip stays what it is
+    assert (figures["score_mode"], figures["score_bpb"], figures["score_eval_s"]) == ("ttt", 1.41234567, 75.5)
+
+
 def test_parse_pairs_handles_nan_and_exponents():
     assert runlog.parse_pairs("step:3/10 train_loss:nan lr:1e-3 x:-2.5") == {
         "step": 3, "train_loss": pytest.approx(float("nan"), nan_ok=True), "lr": 0.001, "x": -2.5}
@@ -51,21 +66,25 @@ def test_parse_config_reads_both_dump_formats():
 
 # ----------------------------------------------------------------------------- aggregation
 
-def row(config, seed, bpb, tok_s=1000.0, total_bytes=100):
-    return {"config": config, "seed": seed, "val_bpb": bpb, "val_loss": bpb * 2, "steps": 10, "tok_s": tok_s,
-            "total_bytes": total_bytes, "partial_validation": False}
+def row(config, seed, bpb, tok_s=1000.0, total_bytes=100, mode="ternary_brotli_roundtrip", roundtrip_bpb=None):
+    return {"config": config, "seed": seed, "score_bpb": bpb, "score_mode": mode, "val_bpb": roundtrip_bpb or bpb,
+            "val_loss": bpb * 2, "steps": 10, "tok_s": tok_s, "total_bytes": total_bytes, "partial_validation": False}
 
 
 def test_aggregate_gives_mean_std_and_delta_vs_reference():
-    rows = [row("ref", 1, 1.50), row("ref", 2, 1.52), row("leaky", 1, 1.47, total_bytes=120), row("leaky", 2, 1.49)]
-    ref, leaky, missing = sweep.aggregate(rows, ["ref", "leaky", "missing"], "ref")
-    assert ref["val_bpb_mean"] == pytest.approx(1.51) and ref["val_bpb_std"] == pytest.approx(0.0141421, rel=1e-4)
+    rows = [row("ref", 1, 1.50), row("ref", 2, 1.52), row("leaky", 1, 1.47, total_bytes=120), row("leaky", 2, 1.49),
+            row("sliding", 1, 1.45, mode="sliding_window", roundtrip_bpb=1.50)]
+    ref, leaky, sliding, missing = sweep.aggregate(rows, ["ref", "leaky", "sliding", "missing"], "ref")
+    assert ref["score_bpb_mean"] == pytest.approx(1.51) and ref["score_bpb_std"] == pytest.approx(0.0141421, rel=1e-4)
     assert ref["delta_vs_reference"] == pytest.approx(0.0)
     assert leaky["delta_vs_reference"] == pytest.approx(-0.03) and leaky["total_bytes_max"] == 120
-    assert missing["runs"] == 0 and missing["val_bpb_mean"] is None and missing["delta_vs_reference"] is None
-    table = sweep.markdown_table([ref, leaky, missing], "ref")
-    assert "| leaky | 2 | 1.4800 ± 0.0141 | -0.0300 | 0.0283 | better beyond 2σ |" in table
-    assert "| missing | 0 | — | — | — | — |" in table and "| ref | 2 | 1.5100 ± 0.0141 | +0.0000 | — | — |" in table
+    assert sliding["delta_vs_reference"] == pytest.approx(-0.06)  # compared by what the submission reports
+    assert missing["runs"] == 0 and missing["score_bpb_mean"] is None and missing["delta_vs_reference"] is None
+    table = sweep.markdown_table([ref, leaky, sliding, missing], "ref")
+    assert "| leaky | 2 | 1.4800 ± 0.0141 | ternary_brotli_roundtrip | -0.0300 | 0.0283 | better beyond 2σ |" in table
+    assert "| sliding | 1 | 1.4500 | sliding_window | -0.0600 | — | — |" in table
+    assert "| missing | 0 | — | — | — | — | — |" in table
+    assert "| ref | 2 | 1.5100 ± 0.0141 | ternary_brotli_roundtrip | +0.0000 | — | — |" in table
 
 
 def test_verdict_counts_a_gain_only_beyond_two_standard_errors():
@@ -77,8 +96,8 @@ def test_verdict_counts_a_gain_only_beyond_two_standard_errors():
 
 def test_single_seed_has_no_std():
     (summary,) = sweep.aggregate([row("ref", 1, 1.5)], ["ref"], "ref")
-    assert summary["val_bpb_std"] is None
-    assert "| ref | 1 | 1.5000 | +0.0000 |" in sweep.markdown_table([summary], "ref")
+    assert summary["score_bpb_std"] is None
+    assert "| ref | 1 | 1.5000 | ternary_brotli_roundtrip | +0.0000 |" in sweep.markdown_table([summary], "ref")
 
 
 # ----------------------------------------------------------------------------- manifests and a fake trainer
@@ -124,10 +143,10 @@ def test_sweep_runs_collects_plots_and_resumes(fake_sweep, capsys):
     assert sorted(p.name for p in (out / "runs").glob("*.log")) == [
         "leaky_seed1.log", "leaky_seed3.log", "reference_seed1.log", "reference_seed3.log"]
     csv_lines = (out / "results.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("config,seed,val_bpb") and len(csv_lines) == 5
+    assert csv_lines[0].startswith("config,seed,score_bpb,score_mode,score_eval_s,val_bpb") and len(csv_lines) == 5
     assert "4096" in csv_lines[1]  # the manifest's env reached the run
     results = (out / "results.md").read_text()
-    assert "| leaky | 2 | 1.4820 ± 0.0014 | -0.0200 |" in results and "**reference**: as is" in results
+    assert "| leaky | 2 | 1.4820 ± 0.0014 | ternary_brotli_roundtrip | -0.0200 |" in results and "**reference**: as is" in results
     assert (out / "curves.png").stat().st_size > 1000
     assert len(calls.read_text().split()) == 4
 
