@@ -35,8 +35,8 @@ from pathlib import Path
 from skcgolf import runlog, trainrun
 
 CONFIG_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-CSV_FIELDS = ["config", "seed", "score_bpb", "score_mode", "score_eval_s", "val_bpb", "val_loss", "prequant_val_bpb", "steps", "tok_s", "ms_per_step",
-              "total_bytes", "model_bytes", "code_bytes", "export", "partial_validation",
+CSV_FIELDS = ["config", "seed", "score_bpb", "score_mode", "score_eval_s", "val_bpb", "val_loss", "prequant_val_bpb",
+              "steps", "tok_s", "ms_per_step", "total_bytes", "model_bytes", "code_bytes", "export", "partial_validation",
               *(f"router_{name}" for name in runlog.ROUTER_FIGURES), "log"]
 POLL_SECONDS = 2.0
 
@@ -235,8 +235,8 @@ def markdown_table(summaries: list[dict], reference: str) -> str:
         if s["partial_validation"]:
             bpb += " (partial val)"
         two_se = None if s["delta_se"] is None else 2 * s["delta_se"]
-        cells = [s["config"], str(s["runs"]), bpb, ", ".join(s["score_modes"]) or "—", fmt(s["delta_vs_reference"], "+.4f"), fmt(two_se, ".4f"), s["verdict"],
-                 fmt(s["val_loss_mean"], ".4f"),
+        cells = [s["config"], str(s["runs"]), bpb, ", ".join(s["score_modes"]) or "—", fmt(s["delta_vs_reference"], "+.4f"),
+                 fmt(two_se, ".4f"), s["verdict"], fmt(s["val_loss_mean"], ".4f"),
                  fmt(s["steps_mean"], ".0f"), fmt(s["tok_s_mean"], ",.0f"), fmt(s["total_bytes_max"], ",d")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
