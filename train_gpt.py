@@ -237,7 +237,7 @@ class Hyperparameters:
         # evaluation
         "EVAL_ARTIFACT": Setting(""),  # path: skip training and evaluate this artifact
         "EVAL_SEQ_LEN": Setting(0, lo=0),  # 0: TRAIN_SEQ_LEN
-        "EVAL_CHUNK_TOKENS": Setting(32768, lo=1),  # score-first chunk for TTT and EvalEngram
+        "EVAL_CHUNK_TOKENS": Setting(32768, lo=1),  # score-first chunk of TTT
         "EVAL_MAX_SECONDS": Setting(600.0, lo=0.0),
         "EVAL_DUMP_TOKEN_LOSSES": Setting(""),  # path.npz: per-target losses and bytes of every mode
         # feature: ema
@@ -258,12 +258,14 @@ class Hyperparameters:
         # feature: sliding_window
         "SLIDING_EVAL_STRIDE": Setting(0, lo=0),  # 0: off
         # feature: eval_engram
-        "EVAL_ENGRAM": Setting(False),
-        "EVAL_ENGRAM_ORDER": Setting(3, lo=2, hi=4),  # order, weight, centre: best on the proxy (bench/ablations/proxy.md)
-        "EVAL_ENGRAM_BUCKETS": Setting(16384, lo=1),  # context buckets for orders above 2
-        "EVAL_ENGRAM_ALPHA": Setting(0.1, lo=1e-6),  # Laplace smoothing
-        "EVAL_ENGRAM_WEIGHT": Setting(0.4, lo=0.0),
+        "EVAL_ENGRAM": Setting(False),  # its defaults: best on the proxy (bench/ablations/proxy.md)
+        "EVAL_ENGRAM_ORDER": Setting(4, lo=2, hi=8),
+        "EVAL_ENGRAM_BUCKETS": Setting(262144, lo=1),  # per order above 2: buckets x vocab float32 counts (1 GiB)
+        "EVAL_ENGRAM_ALPHA": Setting(0.1, lo=1e-6),  # Laplace smoothing of the lowest order
+        "EVAL_ENGRAM_WEIGHT": Setting(0.45, lo=0.0),
         "EVAL_ENGRAM_CENTER": Setting(2.0),  # model entropy (nats) where the gate is half open
+        "EVAL_ENGRAM_BACKOFF": Setting(1.0, lo=0.0),  # pseudo-counts of the order below; 0: the top order alone
+        "EVAL_ENGRAM_MIX": Setting("linear", choices=("log", "linear")),  # log: gate * log q added; linear: gate * q
         # feature: ttt
         "TTT_ENABLED": Setting(False),
         "TTT_SCOPE": Setting("scalars", choices=("scalars", "all")),
@@ -451,6 +453,9 @@ class Hyperparameters:
             require(self.weight_quant != "ternary" or self.engram_dim % self.ternary_group_size == 0,
                     f"ENGRAM_DIM={self.engram_dim} must divide by TERNARY_GROUP_SIZE={self.ternary_group_size} "
                     "(the memory's projections are ternary)")
+        require(self.eval_engram_mix == "log" or self.eval_engram_weight <= 1.0,
+                f"EVAL_ENGRAM_WEIGHT={self.eval_engram_weight} must be at most 1 with EVAL_ENGRAM_MIX=linear (the "
+                "memory's share of the probability)")
         if self.moe_enabled:
             require(self.moe_top_k <= self.moe_num_experts,
                     f"MOE_TOP_K={self.moe_top_k} must be at most MOE_NUM_EXPERTS={self.moe_num_experts}")
@@ -3520,42 +3525,89 @@ def plan_windows(lo: int, hi: int, num_targets: int, seq_len: int, stride: int) 
 
 
 # --- feature: eval_engram (EVAL_ENGRAM) ---
+EVAL_ENGRAM_KEY_PRIME = 2**31 - 1
+
+
 class EvalEngram:
     """N-gram memory of the validation stream, built only from tokens already scored.
 
-    Counts of (context, next token) are absorbed after a chunk is scored. At scoring time the Laplace-smoothed
-    n-gram distribution is added in log space to the model's log-probabilities, weighted by a gate that opens
-    with the model's entropy, and the result is renormalised (a full softmax). Contexts never reach past the
-    most recent BOS: tokens of an earlier document become a padding id.
+    Target t is predicted with the counts of (context, next token) over every target before t: the table holds
+    the earlier scoring calls, and within a call each row adds the rows before it (targets come in ascending
+    order). The smoothed n-gram distribution is added in log space to the model's log-probabilities, weighted
+    by a gate that opens with the model's entropy, and the result is renormalised (a full softmax). Contexts
+    never reach past the most recent BOS: tokens of an earlier document become a padding id.
+
+    EVAL_ENGRAM_MIX=linear mixes probabilities instead, (1 - gate) p + gate q, which needs no renormalising:
+    a sharp q then lends a token probability without taking log-odds from every token it never saw.
+
+    The distribution is the top order's counts, Laplace-smoothed (EVAL_ENGRAM_ALPHA per token). With
+    EVAL_ENGRAM_BACKOFF = b > 0 every order from 2 up counts, and order k smooths towards order k-1 instead:
+    q_k = (c_k + b q_{k-1}) / (n_k + b), the bigram smoothed as above. A context seen a few times then sharpens
+    what its shorter suffix predicts rather than a uniform guess.
     """
 
     def __init__(self, args: Hyperparameters, vocab_size: int, device: torch.device):
         self.order, self.vocab_size = args.eval_engram_order, vocab_size
-        self.buckets = vocab_size + 1 if self.order == 2 else args.eval_engram_buckets
+        self.orders = list(range(2, self.order + 1)) if args.eval_engram_backoff > 0 else [self.order]
+        self.buckets = [vocab_size + 1 if k == 2 else args.eval_engram_buckets for k in self.orders]
         self.alpha, self.weight, self.center = args.eval_engram_alpha, args.eval_engram_weight, args.eval_engram_center
-        self.counts = torch.zeros(self.buckets, vocab_size, device=device)
-        self.totals = torch.zeros(self.buckets, device=device)
+        self.backoff, self.linear = args.eval_engram_backoff, args.eval_engram_mix == "linear"
+        self.counts = [torch.zeros(b, vocab_size, device=device) for b in self.buckets]  # exact below 2**24
 
-    def context_keys(self, val: Tensor, last_bos: Tensor, targets: Tensor) -> Tensor:
-        key = torch.zeros_like(targets)
+    def context_keys(self, val: Tensor, last_bos: Tensor, targets: Tensor) -> list[Tensor]:
+        """The bucket of each target's context, one tensor per order counted (lowest first). A context is its
+        tokens in base vocab_size + 1 (the padding id included), reduced modulo a prime below 2**31 so that
+        longer contexts cannot overflow: exact while (vocab_size + 1) ** (order - 1) stays under the prime."""
+        key, keys = torch.zeros_like(targets), []
         for back in range(1, self.order):
             pos = targets - back
             token = torch.where((pos >= 0) & (pos >= last_bos[(targets - 1).clamp_min(0)]), val[pos.clamp_min(0)],
                                 torch.full_like(targets, self.vocab_size))
-            key = key * (self.vocab_size + 1) + token
-        return key % self.buckets
+            key = (key * (self.vocab_size + 1) + token) % EVAL_ENGRAM_KEY_PRIME
+            if back + 1 in self.orders:
+                keys.append(key % self.buckets[self.orders.index(back + 1)])
+        return keys
+
+    def earlier_rows(self, keys: Tensor, tokens: Tensor) -> Tensor:
+        """[rows, vocab]: how often each token followed the row's context in the rows before it. Sorted by
+        bucket (stably, so in target order), a row's earlier rows of the same bucket are the ones just above it."""
+        order = torch.sort(keys, stable=True).indices
+        sorted_keys, onehot = keys[order], F.one_hot(tokens[order], self.vocab_size).float()
+        above = onehot.cumsum(0) - onehot
+        rows = torch.arange(keys.numel(), device=keys.device)
+        new_bucket = torch.ones_like(sorted_keys, dtype=torch.bool)
+        new_bucket[1:] = sorted_keys[1:] != sorted_keys[:-1]
+        bucket_start = torch.cummax(torch.where(new_bucket, rows, 0), dim=0).values
+        earlier = torch.empty_like(above)
+        earlier[order] = above - above[bucket_start]
+        return earlier
 
     def absorb(self, val: Tensor, last_bos: Tensor, targets: Tensor) -> None:
-        keys = self.context_keys(val, last_bos, targets)
-        self.counts.index_put_((keys, val[targets]), torch.ones_like(keys, dtype=torch.float32), accumulate=True)
-        self.totals.index_add_(0, keys, torch.ones_like(keys, dtype=torch.float32))
+        ones = torch.ones_like(targets, dtype=torch.float32)
+        for keys, counts in zip(self.context_keys(val, last_bos, targets), self.counts):
+            counts.index_put_((keys, val[targets]), ones, accumulate=True)
 
     def mix(self, logp: Tensor, val: Tensor, last_bos: Tensor, targets: Tensor) -> Tensor:
-        keys = self.context_keys(val, last_bos, targets)
-        logq = torch.log((self.counts[keys] + self.alpha) / (self.totals[keys] + self.alpha * self.vocab_size).unsqueeze(-1))
+        """The mixed log-distribution of each target (ascending, each once) from the counts before it."""
+        q = None
+        for keys, counts in zip(self.context_keys(val, last_bos, targets), self.counts):
+            seen = counts[keys] + self.earlier_rows(keys, val[targets])
+            total = seen.sum(-1, keepdim=True)
+            if q is None:
+                q = (seen + self.alpha) / (total + self.alpha * self.vocab_size)
+            else:
+                q = (seen + self.backoff * q) / (total + self.backoff)
         entropy = -(logp.exp() * logp).sum(-1, keepdim=True)
         gate = self.weight * torch.sigmoid(entropy - self.center)
-        return torch.log_softmax(logp + gate * logq, dim=-1)
+        if self.linear:
+            return torch.log((1.0 - gate) * logp.exp() + gate * q)
+        return torch.log_softmax(logp + gate * torch.log(q), dim=-1)
+
+    def score(self, logp: Tensor, val: Tensor, last_bos: Tensor, targets: Tensor) -> Tensor:
+        """mix, then count the targets just scored for every later call."""
+        mixed = self.mix(logp, val, last_bos, targets)
+        self.absorb(val, last_bos, targets)
+        return mixed
 # --- end feature: eval_engram ---
 
 
@@ -3713,7 +3765,7 @@ def score_windows(model: GPT, ctx: StreamContext, windows: list[Window], rt: Run
             with rt.autocast():
                 logp = torch.log_softmax(model.logits(rows).float(), dim=-1)
             if engram is not None:
-                logp = engram.mix(logp, ctx.val, ctx.last_bos, targets)
+                logp = engram.score(logp, ctx.val, ctx.last_bos, targets)
             if observer is not None:
                 observer(targets, logp)
             losses.append(-logp.gather(-1, ctx.val[targets].unsqueeze(-1)).squeeze(-1))
@@ -3804,12 +3856,21 @@ def ttt_train_on_chunk(model: GPT, ctx: StreamContext, lo: int, hi: int, optimiz
 # --- end feature: ttt ---
 
 
+def chunk_scoring_context(ctx: StreamContext, args: Hyperparameters) -> StreamContext:
+    """The scoring context of score-first chunks: a batch of at most one chunk's windows (a chunk scores
+    EVAL_CHUNK_TOKENS targets, `stride` new ones a window). Scoring never batches across a chunk boundary, so a
+    wider batch would be padding: with the compiled forward's one shape, a chunk of 4,096 targets in a batch of
+    256 windows of stride 64 computed four times the windows it scored."""
+    stride = args.sliding_eval_stride or ctx.seq_len
+    return ctx._replace(batch_windows=min(ctx.batch_windows, -(-args.eval_chunk_tokens // stride)))
+
+
 def evaluate_streaming(model: GPT, ctx: StreamContext, args: Hyperparameters, rt: Runtime, observer=None,
                        events: list | None = None, progress: Progress | None = None) -> ScoredTargets:
     """Score-first evaluation in chunks of EVAL_CHUNK_TOKENS targets: score a chunk with the current state,
-    then let the chunk update the state (EvalEngram counts, TTT step), then move on. Each rank owns a
-    contiguous run of chunks and starts from the artifact's weights; no gradient crosses ranks, since it
-    would carry other ranks' unscored future."""
+    then let the chunk update the state (a TTT step), then move on; the EvalEngram memory counts each target as
+    soon as it is scored. Each rank owns a contiguous run of chunks and starts from the artifact's weights and
+    empty counts; no gradient crosses ranks, since it would carry other ranks' unscored future."""
     stride = args.sliding_eval_stride or ctx.seq_len
     chunks = score_first_chunks(ctx.num_targets, args.eval_chunk_tokens)
     mine = chunks[len(chunks) * rt.rank // rt.world_size:len(chunks) * (rt.rank + 1) // rt.world_size]
@@ -3826,15 +3887,14 @@ def evaluate_streaming(model: GPT, ctx: StreamContext, args: Hyperparameters, rt
         roles = parameter_roles(model)
     memory = EvalEngram(args, model.tok_emb.num_embeddings, rt.device) if args.eval_engram else None
     carry = CapsuleCarry(ctx, args.capsule_carry_decay) if args.capsule_carry else None
+    chunk_ctx = chunk_scoring_context(ctx, args)
     model.eval()
     losses = []
     for lo, hi in mine:
         if events is not None:
             events.append(("score", lo, hi))
-        losses.append(score_windows(model, ctx, plan_windows(lo, hi, ctx.num_targets, ctx.seq_len, stride), rt,
+        losses.append(score_windows(model, chunk_ctx, plan_windows(lo, hi, ctx.num_targets, ctx.seq_len, stride), rt,
                                     memory, observer, progress, carry))
-        if memory is not None:
-            memory.absorb(ctx.val, ctx.last_bos, torch.arange(lo, hi, device=rt.device))
         if args.ttt_enabled and (lo, hi) != mine[-1]:  # this rank's later chunks are the only ones an update can help
             ttt_train_on_chunk(model, ctx, lo, hi, optimizer, params, args, rt, events)
     if args.ttt_enabled:  # nothing outside the TTT scope moved (the EngramHash tables' scope is "frozen")
@@ -3885,6 +3945,8 @@ def warm_up_eval(model: GPT, ctx: StreamContext, args: Hyperparameters, rt: Runt
     """Run the eval graphs once on synthetic tokens: the scoring forward, and for TTT a backward whose gradients
     are dropped. No optimizer steps, so the weights are unchanged."""
     windows = warm_up_scoring(model, ctx, rt)
+    if ctx.forward.compiled and any(options["kind"] == "streaming" for _, options in eval_modes(args)):
+        warm_up_scoring(model, chunk_scoring_context(ctx, args), rt)  # the chunks' batch shape compiles here too
     if args.ttt_enabled:
         batch = torch.randint(0, model.tok_emb.num_embeddings, (min(windows, 2), ctx.seq_len),
                               generator=torch.Generator().manual_seed(0)).to(rt.device)

@@ -80,8 +80,8 @@ SUPPORTED_SETTINGS = frozenset((
     "SIZE_MARGIN_BYTES", "SUBMISSION_MODE", "CALIB_MAX_EVALS", "CALIB_MAX_SECONDS", "CALIB_TOKENS", "CALIB_MIN_PARAMS",
     "EVAL_ARTIFACT", "EVAL_SEQ_LEN", "SLIDING_EVAL_STRIDE", "EVAL_CHUNK_TOKENS", "EVAL_MAX_SECONDS",
     "EVAL_DUMP_TOKEN_LOSSES", "EVAL_TEMPERATURE_FIT", "EVAL_ENGRAM", "EVAL_ENGRAM_ORDER", "EVAL_ENGRAM_BUCKETS",
-    "EVAL_ENGRAM_ALPHA", "EVAL_ENGRAM_WEIGHT", "EVAL_ENGRAM_CENTER", "TTT_ENABLED", "TTT_SCOPE", "TTT_LR", "TTT_MOMENTUM",
-    "TTT_EPOCHS", "TTT_GRAD_CLIP", "MLX_COMPUTE_DTYPE"))
+    "EVAL_ENGRAM_ALPHA", "EVAL_ENGRAM_WEIGHT", "EVAL_ENGRAM_CENTER", "EVAL_ENGRAM_BACKOFF", "EVAL_ENGRAM_MIX",
+    "TTT_ENABLED", "TTT_SCOPE", "TTT_LR", "TTT_MOMENTUM", "TTT_EPOCHS", "TTT_GRAD_CLIP", "MLX_COMPUTE_DTYPE"))
 # name -> (does this configuration ask for what the twin lacks?, what to do instead)
 UNSUPPORTED_SETTINGS = {
     "ATTN_BACKEND": (lambda a: a.attn_backend in ("fa3", "fa2"),
@@ -809,7 +809,7 @@ def score_windows(model: GPT, ctx: StreamContext, windows: list[train_gpt.Window
             losses.append(torch.from_numpy(np.array(token_losses(logits, mx.array(val[targets].astype(np.int32))))))
         else:
             logp = torch.from_numpy(np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True)))
-            logp = engram.mix(logp, ctx.val, ctx.last_bos, torch.from_numpy(targets))
+            logp = engram.score(logp, ctx.val, ctx.last_bos, torch.from_numpy(targets))
             losses.append(-logp.gather(-1, ctx.val[targets].unsqueeze(-1)).squeeze(-1))
         if progress is not None:
             progress.advance(targets.size)
@@ -856,8 +856,8 @@ def ttt_train_on_chunk(model: GPT, grad_fn, ctx: StreamContext, lo: int, hi: int
 def evaluate_streaming(model: GPT, ctx: StreamContext, args: Hyperparameters, ttt: bool, engram: bool,
                        progress: train_gpt.Progress | None = None) -> train_gpt.ScoredTargets:
     """Score-first evaluation (train_gpt.evaluate_streaming on one device): score a chunk of EVAL_CHUNK_TOKENS
-    targets, then let it update the state (EvalEngram counts, TTT step), then move on. TTT trains a copy: the
-    artifact's own model is left untouched."""
+    targets, then let it update the state (a TTT step), then move on; the EvalEngram memory counts each target as
+    soon as it is scored. TTT trains a copy: the artifact's own model is left untouched."""
     stride = args.sliding_eval_stride or ctx.seq_len
     chunks = train_gpt.score_first_chunks(ctx.num_targets, args.eval_chunk_tokens)
     if ttt:
@@ -877,8 +877,6 @@ def evaluate_streaming(model: GPT, ctx: StreamContext, args: Hyperparameters, tt
     for lo, hi in chunks:
         losses.append(score_windows(model, ctx, train_gpt.plan_windows(lo, hi, ctx.num_targets, ctx.seq_len, stride),
                                     memory, progress))
-        if memory is not None:
-            memory.absorb(ctx.val, ctx.last_bos, torch.arange(lo, hi))
         if ttt and (lo, hi) != chunks[-1]:
             ttt_train_on_chunk(model, grad_fn, ctx, lo, hi, momentum, args)
     return train_gpt.scored(ctx, 1, ctx.num_targets + 1, torch.cat(losses))

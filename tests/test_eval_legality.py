@@ -25,6 +25,10 @@ MODES = {
     "ttt_scalars": ({"TTT_ENABLED": 1, "TTT_SCOPE": "scalars"}, dict(kind="streaming")),
     "ttt_all": ({"TTT_ENABLED": 1, "TTT_SCOPE": "all", "TTT_LR": 0.05}, dict(kind="streaming")),
     "eval_engram": ({"EVAL_ENGRAM": 1, "EVAL_ENGRAM_ORDER": 3}, dict(kind="streaming")),
+    "eval_engram_backoff": ({"EVAL_ENGRAM": 1, "EVAL_ENGRAM_ORDER": 4, "EVAL_ENGRAM_BACKOFF": 2.0},
+                            dict(kind="streaming")),
+    "eval_engram_linear": ({"EVAL_ENGRAM": 1, "EVAL_ENGRAM_ORDER": 6, "EVAL_ENGRAM_BACKOFF": 1.0,
+                            "EVAL_ENGRAM_MIX": "linear", "EVAL_ENGRAM_WEIGHT": 0.5}, dict(kind="streaming")),
     "ttt_eval_engram": ({"TTT_ENABLED": 1, "TTT_SCOPE": "all", "EVAL_ENGRAM": 1, "SLIDING_EVAL_STRIDE": 6},
                         dict(kind="streaming")),
 }
@@ -204,12 +208,12 @@ def test_ttt_changes_predictions_of_later_chunks_only():
 
 # Token-mixing state that must reset at BOS: (name, function of the stream -> per-position state).
 # Later features (smear, EngramHash keys, SKC scan, capsule/Koopman state, convolutions) add themselves here.
-def eval_engram_keys(order):
+def eval_engram_keys(order, backoff=0.0):
     def keys(tokens):
-        args = make_args(EVAL_ENGRAM=1, EVAL_ENGRAM_ORDER=order)
+        args = make_args(EVAL_ENGRAM=1, EVAL_ENGRAM_ORDER=order, EVAL_ENGRAM_BACKOFF=backoff)
         ctx = train_gpt.stream_context(tokens, uniform_tables(), SEQ_LEN, 64, CPU)
         engram = train_gpt.EvalEngram(args, VOCAB, CPU.device)
-        return engram.context_keys(ctx.val, ctx.last_bos, torch.arange(1, ctx.val.numel()))
+        return torch.stack(engram.context_keys(ctx.val, ctx.last_bos, torch.arange(1, ctx.val.numel())), dim=-1)
     return keys
 
 
@@ -253,6 +257,7 @@ def skc_state(component):
 
 
 BOS_RESET_STATE = {**{f"eval_engram_order{n}": eval_engram_keys(n) for n in (2, 3, 4)},
+                   "eval_engram_backoff_orders_2_to_4": eval_engram_keys(4, backoff=2.0),
                    **{f"engram_hash_{o}x{h}": engram_memory(o, h) for o, h in ((1, 1), (2, 2), (3, 2), (4, 1))},
                    "smear_gate": smeared_embeddings,
                    **{f"skc_{part}": skc_state(part) for part in ("scan_and_conv", "capsules_koopman")}}

@@ -169,8 +169,10 @@ def test_score_first_ttt_matches(tiny_data, val_context, scope):
 
 
 @pytest.mark.parametrize("overrides, ttt", [({"EVAL_ENGRAM_ORDER": "2"}, False),
-                                            ({"EVAL_ENGRAM_ORDER": "3", "EVAL_ENGRAM_BUCKETS": "512"}, True)],
-                         ids=["order2", "order3+ttt"])
+                                            ({"EVAL_ENGRAM_ORDER": "3", "EVAL_ENGRAM_BUCKETS": "512"}, True),
+                                            ({"EVAL_ENGRAM_ORDER": "4", "EVAL_ENGRAM_BUCKETS": "512",
+                                              "EVAL_ENGRAM_BACKOFF": "2"}, False)],
+                         ids=["order2", "order3+ttt", "order4_backoff"])
 def test_eval_engram_matches(tiny_data, val_context, overrides, ttt):
     args = twin_args(tiny_data, EVAL_ENGRAM="1", TTT_ENABLED=str(int(ttt)), EVAL_CHUNK_TOKENS="512", **overrides)
     torch_model = perturbed_torch_model(args)
