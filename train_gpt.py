@@ -3533,12 +3533,10 @@ class EvalEngram:
 
     Target t is predicted with the counts of (context, next token) over every target before t: the table holds
     the earlier scoring calls, and within a call each row adds the rows before it (targets come in ascending
-    order). The smoothed n-gram distribution is added in log space to the model's log-probabilities, weighted
-    by a gate that opens with the model's entropy, and the result is renormalised (a full softmax). Contexts
-    never reach past the most recent BOS: tokens of an earlier document become a padding id.
-
-    EVAL_ENGRAM_MIX=linear mixes probabilities instead, (1 - gate) p + gate q, which needs no renormalising:
-    a sharp q then lends a token probability without taking log-odds from every token it never saw.
+    order). Contexts never reach past the most recent BOS: tokens of an earlier document become a padding id.
+    The smoothed n-gram distribution q joins the model's p through a gate that opens with the model's entropy:
+    EVAL_ENGRAM_MIX=linear takes (1 - gate) p + gate q, a distribution as it stands; log adds gate * log q to
+    log p and renormalises (a full softmax), so a sharp q there takes log-odds from every token it never saw.
 
     The distribution is the top order's counts, Laplace-smoothed (EVAL_ENGRAM_ALPHA per token). With
     EVAL_ENGRAM_BACKOFF = b > 0 every order from 2 up counts, and order k smooths towards order k-1 instead:
