@@ -3580,16 +3580,17 @@ class EvalEngram:
         earlier[order] = above - above[bucket_start]
         return earlier
 
-    def absorb(self, val: Tensor, last_bos: Tensor, targets: Tensor) -> None:
-        ones = torch.ones_like(targets, dtype=torch.float32)
-        for keys, counts in zip(self.context_keys(val, last_bos, targets), self.counts):
-            counts.index_put_((keys, val[targets]), ones, accumulate=True)
+    def absorb(self, keys: list[Tensor], tokens: Tensor) -> None:
+        """Count each (context bucket, token) pair: keys from context_keys, tokens the targets' ids."""
+        ones = torch.ones_like(tokens, dtype=torch.float32)
+        for bucket, counts in zip(keys, self.counts):
+            counts.index_put_((bucket, tokens), ones, accumulate=True)
 
-    def mix(self, logp: Tensor, val: Tensor, last_bos: Tensor, targets: Tensor) -> Tensor:
+    def mix(self, logp: Tensor, keys: list[Tensor], tokens: Tensor) -> Tensor:
         """The mixed log-distribution of each target (ascending, each once) from the counts before it."""
         q = None
-        for keys, counts in zip(self.context_keys(val, last_bos, targets), self.counts):
-            seen = counts[keys] + self.earlier_rows(keys, val[targets])
+        for bucket, counts in zip(keys, self.counts):
+            seen = counts[bucket] + self.earlier_rows(bucket, tokens)
             total = seen.sum(-1, keepdim=True)
             if q is None:
                 q = (seen + self.alpha) / (total + self.alpha * self.vocab_size)
@@ -3602,9 +3603,10 @@ class EvalEngram:
         return torch.log_softmax(logp + gate * torch.log(q), dim=-1)
 
     def score(self, logp: Tensor, val: Tensor, last_bos: Tensor, targets: Tensor) -> Tensor:
-        """mix, then count the targets just scored for every later call."""
-        mixed = self.mix(logp, val, last_bos, targets)
-        self.absorb(val, last_bos, targets)
+        """mix, then count the targets just scored for every later call (their keys computed once for both)."""
+        keys, tokens = self.context_keys(val, last_bos, targets), val[targets]
+        mixed = self.mix(logp, keys, tokens)
+        self.absorb(keys, tokens)
         return mixed
 # --- end feature: eval_engram ---
 
@@ -3943,8 +3945,10 @@ def warm_up_eval(model: GPT, ctx: StreamContext, args: Hyperparameters, rt: Runt
     """Run the eval graphs once on synthetic tokens: the scoring forward, and for TTT a backward whose gradients
     are dropped. No optimizer steps, so the weights are unchanged."""
     windows = warm_up_scoring(model, ctx, rt)
-    if ctx.forward.compiled and any(options["kind"] == "streaming" for _, options in eval_modes(args)):
-        warm_up_scoring(model, chunk_scoring_context(ctx, args), rt)  # the chunks' batch shape compiles here too
+    chunk_ctx = chunk_scoring_context(ctx, args)
+    if (ctx.forward.compiled and chunk_ctx.batch_windows != ctx.batch_windows
+            and any(options["kind"] == "streaming" for _, options in eval_modes(args))):
+        warm_up_scoring(model, chunk_ctx, rt)  # the chunks' narrower batch shape compiles here too
     if args.ttt_enabled:
         batch = torch.randint(0, model.tok_emb.num_embeddings, (min(windows, 2), ctx.seq_len),
                               generator=torch.Generator().manual_seed(0)).to(rt.device)

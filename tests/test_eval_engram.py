@@ -59,10 +59,10 @@ def hand_distribution(val, last_bos, absorbed, t, order, backoff, alpha):
 def test_mixed_distribution_counts_every_earlier_target(order, backoff, mix):
     val, last_bos = stream()
     engram, absorbed = memory(order, backoff, mix=mix), torch.arange(1, 300)
-    engram.absorb(val, last_bos, absorbed)
+    engram.absorb(engram.context_keys(val, last_bos, absorbed), val[absorbed])
     targets = torch.arange(300, 400)
     logp = torch.log_softmax(torch.randn(targets.numel(), VOCAB, generator=torch.Generator().manual_seed(1)), -1)
-    mixed = engram.mix(logp, val, last_bos, targets)
+    mixed = engram.mix(logp, engram.context_keys(val, last_bos, targets), val[targets])
     assert torch.allclose(mixed.exp().sum(-1), torch.ones(targets.numel()), atol=1e-5)
     for row, t in enumerate(targets.tolist()):  # the call's earlier rows count too
         q = hand_distribution(val, last_bos, list(range(1, t)), t, order, backoff, 0.5)
@@ -101,8 +101,8 @@ def test_backoff_follows_the_shorter_context_where_the_longer_one_is_new():
     flat = torch.full((1, VOCAB), -math.log(VOCAB))
     for backoff, favours_2 in ((0.0, False), (1.0, True)):
         engram = memory(3, backoff)
-        engram.absorb(val, last_bos, torch.arange(1, 12))
-        mixed = engram.mix(flat, val, last_bos, target)[0]
+        engram.absorb(engram.context_keys(val, last_bos, torch.arange(1, 12)), val[1:12])
+        mixed = engram.mix(flat, engram.context_keys(val, last_bos, target), val[target])[0]
         assert (mixed[2] > mixed[5] + 0.1) == favours_2
 
 
